@@ -1,0 +1,227 @@
+"""The notification layer of the shared-memory backend: wake-up datagrams between processes.
+
+Data never travels through here. Every message, change and queue item is written to the shared
+LMDB environment first; a writer then sends a tiny *hint* (a kind byte plus a name, for example
+``b"m" + channel``) to each process that registered interest, over a Unix datagram socket. The
+receiving process's notifier thread routes the hint to its local feeds, which read the data from
+shared memory themselves. So:
+
+* an idle process sleeps in ``recv`` and uses no CPU;
+* a publisher never blocks: sends are non-blocking, and a full receive buffer only loses hints,
+  which :meth:`Notifier.drain_overflow` turns into a full re-read;
+* a dead receiver is detected by the kernel (``ECONNREFUSED``), so the sender forgets it;
+* a forged hint can only cause a spurious wake-up, never inject data.
+
+On Linux the sockets live in the abstract namespace, so a killed process leaves no file behind.
+Elsewhere they are files in the store's directory, removed on close and swept when stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from fnmatch import fnmatchcase
+from typing import Protocol
+
+log = logging.getLogger("sharedkv")
+
+_ABSTRACT = sys.platform.startswith("linux")
+_RCVBUF = 4 << 20  # the kernel caps this at net.core.rmem_max; more room means fewer overflows
+
+SENT, DEAD, FULL = 0, 1, 2
+
+
+class LocalFeed(Protocol):
+    def matches(self, kind: int, name: str) -> bool: ...
+
+    def hint(self, name: str | None) -> None: ...
+
+
+class Notifier:
+    """Sends hints to other processes and routes received hints to local feeds.
+
+    ``on_idle`` is called by the receiving thread after each burst of hints and when
+    ``next_deadline()`` (a ``time.monotonic()`` value or None) passes; the backend uses it for
+    overflow checks and timed work such as expiring keys for watchers.
+    """
+
+    def __init__(
+        self,
+        store_id: str,
+        directory: str,
+        token_hex: str,
+        on_idle: Callable[[], None],
+        next_deadline: Callable[[], float | None],
+    ) -> None:
+        self._store_id = store_id
+        self._directory = directory
+        self._on_idle = on_idle
+        self._next_deadline = next_deadline
+        self.address = self.address_of(token_hex)
+        self._feeds: list[LocalFeed] = []
+        self._lock = threading.Lock()
+        self._recv: socket.socket | None = None
+        self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._send.setblocking(False)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def address_of(self, token_hex: str) -> str | bytes:
+        if _ABSTRACT:
+            return f"\0sharedkv-{self._store_id}-{token_hex}".encode()
+        return os.path.join(self._directory, "sock", token_hex)
+
+    # -- sending ------------------------------------------------------------------------
+    def send(self, token_hex: str, hint: bytes) -> int:
+        try:
+            self._send.sendto(hint, self.address_of(token_hex))
+        except BlockingIOError:
+            return FULL
+        except (ConnectionRefusedError, FileNotFoundError):
+            return DEAD
+        except OSError as exc:
+            if exc.errno in (errno.ENOBUFS, errno.EAGAIN):
+                return FULL
+            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                return DEAD
+            raise
+        return SENT
+
+    # -- receiving ----------------------------------------------------------------------
+    @property
+    def listening(self) -> bool:
+        return self._recv is not None
+
+    def listen(self) -> None:
+        """Bind this process's socket and start the routing thread (once)."""
+        with self._lock:
+            if self._recv is not None or self._closing:
+                return
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+            if not _ABSTRACT:
+                assert isinstance(self.address, str)
+                os.makedirs(os.path.dirname(self.address), mode=0o700, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.address)
+            sock.bind(self.address)
+            sock.setblocking(False)
+            self._recv = sock
+            self._thread = threading.Thread(
+                target=self._run, name=f"sharedkv-notify-{self._store_id[:8]}", daemon=True
+            )
+            self._thread.start()
+
+    def add(self, feed: LocalFeed) -> None:
+        with self._lock:
+            self._feeds.append(feed)
+
+    def remove(self, feed: LocalFeed) -> None:
+        with self._lock:
+            if feed in self._feeds:
+                self._feeds.remove(feed)
+
+    def route(self, kind: int, name: str | None) -> None:
+        """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``)."""
+        with self._lock:
+            feeds = list(self._feeds)
+        for feed in feeds:
+            try:
+                if name is None or feed.matches(kind, name):
+                    feed.hint(name)
+            except Exception:  # a broken feed must not stop the others
+                log.exception("sharedkv: a feed failed to take a wake-up")
+
+    def wake(self) -> None:
+        """Make the routing thread run ``on_idle`` soon (for example after a deadline changed)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        import time
+
+        sock = self._recv
+        assert sock is not None
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closing:
+            deadline = self._next_deadline()
+            timeout_ms = None
+            if deadline is not None:
+                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+            try:
+                ready = poller.poll(timeout_ms)
+            except InterruptedError:
+                continue
+            if self._closing:
+                break
+            for fd, _ in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+            hints: dict[tuple[int, str], None] = {}
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    if self._closing:
+                        return
+                    raise
+                if data:
+                    hints[(data[0], data[1:].decode("utf-8", "replace"))] = None
+            for kind, name in hints:
+                self.route(kind, name)
+            try:
+                self._on_idle()
+            except Exception:
+                if self._closing:
+                    return
+                log.exception("sharedkv: background maintenance failed")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            thread, self._thread = self._thread, None
+        self.wake()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        if self._recv is not None:
+            self._recv.close()
+            if not _ABSTRACT and isinstance(self.address, str):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.address)
+        self._send.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def abandon(self) -> None:
+        """In a forked child: drop the parent's socket and thread without touching them."""
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for sock in (self._recv, self._send):
+            if sock is not None:
+                # detach() forgets the fd without shutting the parent's socket down.
+                with contextlib.suppress(OSError):
+                    os.close(sock.detach())
+
+
+def glob_matches(patterns: tuple[str, ...], name: str) -> str | None:
+    """The first of ``patterns`` that matches ``name``, or None."""
+    for pattern in patterns:
+        if pattern == name or fnmatchcase(name, pattern):
+            return pattern
+    return None

@@ -1,0 +1,307 @@
+"""The backend interface: byte-level primitives that every storage engine provides.
+
+A backend stores ``bytes`` under ``str`` keys and knows nothing of serializers, the mapping
+protocol, callbacks or asyncio; :class:`sharedkv.Store` adds those once for every backend.
+
+Conventions shared by every method:
+
+* ``ttl`` is ``None`` (no expiry) or a positive number of seconds, already validated.
+* Revisions are store-wide, start at 1 and only grow. ``if_revision=None`` writes unconditionally,
+  ``0`` only when the key is absent, ``n`` only when the key is at revision ``n``.
+* Operations on several keys are atomic: all applied or none.
+
+Messaging (pub/sub, ``watch``, and the wake-ups of blocking queue and lock waits) is exposed as
+:class:`Feed` objects. A backend feeds them through :meth:`Feed.notify` from whatever thread its
+notification layer uses; the feed turns that into wake-ups for threads and event loops.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+__all__ = [
+    "Backend",
+    "Change",
+    "Feed",
+    "Gap",
+    "LockInfo",
+    "Message",
+    "Record",
+]
+
+
+class Record(NamedTuple):
+    """A stored value with its metadata."""
+
+    value: bytes
+    revision: int
+    expires_at: float | None  # wall-clock time.time() seconds, or None
+
+
+@dataclass(frozen=True)
+class Message:
+    """One published message, as a subscriber receives it."""
+
+    channel: str
+    data: Any
+    seq: int  # per-channel sequence number, from 1, without holes on the publisher side
+    pattern: str | None = None  # the subscription pattern that matched, if any
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Messages this subscriber lost because it fell behind its bounded buffer.
+
+    ``first_seq``..``last_seq`` (inclusive) of ``channel`` were dropped; ``count`` of them.
+    """
+
+    channel: str
+    first_seq: int
+    last_seq: int
+
+    @property
+    def count(self) -> int:
+        return self.last_seq - self.first_seq + 1
+
+
+@dataclass(frozen=True)
+class Change:
+    """A change to a key, as ``watch`` reports it.
+
+    ``kind`` is ``"set"``, ``"delete"`` or ``"expire"``; ``value`` is the new value for
+    ``"set"`` and ``None`` otherwise.
+    """
+
+    kind: str
+    key: str
+    revision: int
+    value: Any = None
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """Who holds a lock: process id, thread id and name, and since when (``time.time()``).
+
+    ``ident`` tells one acquisition from another (a semaphore may be held twice by one thread).
+    """
+
+    pid: int
+    thread_id: int
+    thread_name: str
+    since: float
+    ident: int = 0
+
+
+@dataclass
+class _Wakeup:
+    callback: Callable[[], None]
+    active: bool = field(default=True)
+
+
+class Feed(ABC):
+    """A stream of events (raw bytes decoded by the Store) with thread- and loop-safe wake-ups.
+
+    The backend calls :meth:`notify` whenever new events may be available; readers call
+    :meth:`fetch` to take them and :meth:`wait` to sleep until the next ``notify``. Nothing here
+    polls: a reader that finds nothing sleeps on a condition variable until notified.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._generation = 0
+        self._wakeups: list[_Wakeup] = []
+        self.closed = False
+
+    # -- called by the backend's notification layer ---------------------------------------
+    def notify(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+            wakeups = list(self._wakeups)
+        for wakeup in wakeups:
+            if wakeup.active:
+                wakeup.callback()
+
+    # -- called by readers --------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        """Grows on every notify; read it before :meth:`fetch`, pass it to :meth:`wait`."""
+        return self._generation
+
+    def wait(self, generation: int, timeout: float) -> bool:
+        """Sleep until notified after ``generation`` was read, or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._generation == generation and not self.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def add_wakeup(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from any thread) on every notify; returns its remover."""
+        wakeup = _Wakeup(callback)
+        with self._cond:
+            self._wakeups.append(wakeup)
+
+        def remove() -> None:
+            wakeup.active = False
+            with self._cond:
+                if wakeup in self._wakeups:
+                    self._wakeups.remove(wakeup)
+
+        return remove
+
+    @abstractmethod
+    def fetch(self) -> list[Any]:
+        """Everything available now, in order, without blocking (raw events for the Store)."""
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+            wakeups = list(self._wakeups)
+        for wakeup in wakeups:
+            if wakeup.active:
+                wakeup.callback()
+
+
+class Backend(ABC):
+    """The storage engine behind a :class:`sharedkv.Store`.
+
+    Subclasses implement the abstract primitives; the other methods have correct but slower
+    defaults built on them, which a backend overrides where its engine does better.
+    """
+
+    #: the address that reopens this store from another process (``Store(url)``)
+    url: str
+    #: longest key in UTF-8 bytes
+    max_key_bytes: int = 511
+
+    # -- key-value primitives ---------------------------------------------------------
+    @abstractmethod
+    def get(self, key: str) -> bytes | None:
+        """The value of ``key``, or ``None`` when absent or expired."""
+
+    @abstractmethod
+    def get_record(self, key: str) -> Record | None: ...
+
+    @abstractmethod
+    def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        ttl: float | None = None,
+        if_revision: int | None = None,
+        ephemeral: bool = False,
+    ) -> int:
+        """Write ``key``; return its new revision, or 0 when ``if_revision`` did not match."""
+
+    @abstractmethod
+    def set_many(self, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None) -> int:
+        """Write all items atomically; return the revision of the write."""
+
+    @abstractmethod
+    def delete(self, key: str, *, if_revision: int | None = None) -> bool:
+        """Remove ``key``; ``False`` when it was absent (or not at ``if_revision``)."""
+
+    @abstractmethod
+    def pop(self, key: str) -> bytes | None:
+        """Remove ``key`` and return its value, atomically."""
+
+    @abstractmethod
+    def incr(self, key: str, amount: int) -> int:
+        """Add ``amount`` to the integer at ``key`` (missing = 0) and return the result."""
+
+    @abstractmethod
+    def expire(self, key: str, ttl: float | None) -> bool:
+        """Set (or with ``None`` remove) the expiry of ``key``; ``False`` when absent."""
+
+    @abstractmethod
+    def items(self, pattern: str | None = None) -> list[tuple[str, bytes]]:
+        """A consistent snapshot of the live items whose key matches the glob ``pattern``."""
+
+    @abstractmethod
+    def count(self) -> int:
+        """Number of live keys."""
+
+    @abstractmethod
+    def clear(self) -> None: ...
+
+    @abstractmethod
+    def revision(self) -> int:
+        """The store's current (latest) revision."""
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [self.get(key) for key in keys]
+
+    def keys(self, pattern: str | None = None) -> list[str]:
+        return [key for key, _ in self.items(pattern)]
+
+    # -- messaging ------------------------------------------------------------------
+    @abstractmethod
+    def publish(self, channel: str, payload: bytes) -> int:
+        """Send ``payload`` to every subscription matching ``channel``; return how many."""
+
+    @abstractmethod
+    def subscribe(self, patterns: Iterable[str]) -> Feed:
+        """A feed of ``(channel, payload, seq, pattern)`` tuples and :class:`Gap` markers."""
+
+    @abstractmethod
+    def watch(self, pattern: str, since: int | None) -> Feed:
+        """A feed of ``(kind, key, revision, payload_or_None)`` tuples for matching keys.
+
+        With ``since``, replays retained changes after that revision first, or raises
+        :class:`~sharedkv.RevisionTooOldError`.
+        """
+
+    # -- queues ---------------------------------------------------------------------
+    @abstractmethod
+    def queue_put(self, name: str, item: bytes, maxsize: int) -> bool:
+        """Append ``item``; ``False`` (nothing written) when ``maxsize`` > 0 items are queued."""
+
+    @abstractmethod
+    def queue_get(self, name: str) -> bytes | None:
+        """Remove and return the oldest item, or ``None`` when the queue is empty."""
+
+    @abstractmethod
+    def queue_size(self, name: str) -> int: ...
+
+    @abstractmethod
+    def queue_feed(self, name: str) -> Feed:
+        """A feed notified when the queue may have changed (items put or taken)."""
+
+    # -- locks ------------------------------------------------------------------------
+    @abstractmethod
+    def lock_acquire(self, name: str, limit: int, owner: LockInfo) -> bool:
+        """Take one of ``limit`` slots of lock ``name`` for ``owner``, without waiting.
+
+        Holders whose process has died are released on the way."""
+
+    @abstractmethod
+    def lock_release(self, name: str, owner: LockInfo) -> bool:
+        """Give back the slot taken as ``owner`` (same ``ident``); ``False`` when not held."""
+
+    @abstractmethod
+    def lock_owners(self, name: str) -> list[LockInfo]:
+        """The live holders of ``name`` (dead holders are released on the way)."""
+
+    @abstractmethod
+    def lock_feed(self, name: str) -> Feed:
+        """A feed notified when the lock may have become free."""
+
+    # -- lifecycle --------------------------------------------------------------------
+    @abstractmethod
+    def close(self) -> None:
+        """Release every resource of this process; idempotent."""
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``sharedkv stats`` (keys, bytes, revision, ...)."""
+        return {"keys": self.count(), "revision": self.revision()}

@@ -1,0 +1,1328 @@
+"""The embedded backend: an LMDB environment in shared memory (tmpfs), used by every process.
+
+Layout of one store (a directory, private to its user)::
+
+    <root>/<name>/data.mdb, lock.mdb   the LMDB environment (memory-mapped by every process)
+    <root>/<name>/attach.lock          every attached process holds a shared flock on it
+    <root>/<name>/info.json            id, creator, creation time, whether it outlives its users
+
+``<root>`` is ``/dev/shm/sharedkv-<uid>`` (mode 0700), or the temp dir where there is no
+``/dev/shm``. The last process to detach (or the next one to look, after a crash) removes the
+directory: a flock is released by the kernel when its holder dies, so no guessing is involved.
+
+Named databases inside the environment::
+
+    data     key -> header + value          header = flags, revision, expiry[, owner]
+    expiry   be64(expires_at) + key -> ""    for sweeping expired keys in order
+    history  be64(revision) -> op, key, value   the last ``history`` changes, for watch(since=)
+    meta     counters: rev, msg (publish count), iver (interest version), dropped
+    interest kind + pattern + NUL + owner -> count   who wants wake-ups for what
+    chan     channel -> last seq, first retained seq, retained bytes
+    msgs     channel + NUL + be64(seq) -> msg id + payload
+    queue    name + NUL + be64(seq) -> item;   qmeta  name -> head, tail
+    locks    name + NUL + owner + ident -> since, thread id, thread name
+    procs    owner -> attach time            processes that registered anything
+    eph      owner + key -> ""               ephemeral keys by owner
+
+Every write is one LMDB write transaction: atomic, serialized across processes by LMDB's robust
+mutex (a writer killed mid-transaction leaves the last committed state), and readers never wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import struct
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+import lmdb
+
+from .. import _proc
+from .._errors import (
+    BackendError,
+    InvalidURLError,
+    RevisionTooOldError,
+    StoreFullError,
+    StoreNotFoundError,
+)
+from . import _notify
+from .base import Backend, Feed, Gap, LockInfo, Record
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["ShmBackend", "list_stores", "root_dir"]
+
+# -- record format ---------------------------------------------------------------------
+_HEADER = struct.Struct("<BQd")  # flags, revision, expires_at (0.0 = never)
+_HSIZE = _HEADER.size
+_F_EXPIRES = 1
+_F_EPHEMERAL = 2
+_TOKEN_SIZE = _proc.TOKEN_SIZE
+_U64 = struct.Struct("<Q")
+_BE64 = struct.Struct(">Q")
+_BEF = struct.Struct(">d")
+_CHAN = struct.Struct("<QQQ")  # last seq, first retained seq, retained bytes
+_QMETA = struct.Struct("<QQ")  # head (next to get), tail (next to put)
+_LOCKVAL = struct.Struct("<dQ")  # since, thread id (then the thread's name)
+
+_OP_SET, _OP_DELETE, _OP_EXPIRE = b"s", b"d", b"e"
+_OPS = {_OP_SET: "set", _OP_DELETE: "delete", _OP_EXPIRE: "expire"}
+
+# interest kinds (first byte of a hint)
+K_MESSAGE, K_KEY, K_QUEUE, K_LOCK = b"m", b"k", b"q", b"l"
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_DEFAULT_MAP = 1 << 40
+_ATTACH_TIMEOUT = 10.0
+
+# Environments inherited through fork() must never be used or closed in the child (closing
+# would clear the parent's reader slots); children keep them here and open their own.
+_orphans: list[Any] = []
+_live: weakref.WeakSet[ShmBackend] = weakref.WeakSet()
+
+
+def root_dir() -> str:
+    """Where this user's stores live: /dev/shm when it exists, else the temp dir."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    if base is None:
+        import tempfile
+
+        base = tempfile.gettempdir()
+    return os.path.join(base, f"sharedkv-{os.getuid()}")
+
+
+def _private_root() -> str:
+    root = root_dir()
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(root, 0o700)
+    st = os.lstat(root)
+    if not os.path.isdir(root) or os.path.islink(root) or st.st_uid != os.getuid():
+        raise BackendError(f"{root} is not a directory owned by this user; refusing to use it")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)
+    return root
+
+
+def _be_expiry(expires_at: float) -> bytes:
+    return _BEF.pack(expires_at)
+
+
+class _Write:
+    """One write transaction, plus the hints to send once it has committed.
+
+    py-lmdb allows one write transaction per environment at a time and fails (rather than waits)
+    for a second one, so threads of this process queue on ``_wlock`` first; LMDB's own robust
+    mutex then serializes processes.
+    """
+
+    __slots__ = ("backend", "hints", "rev", "txn")
+
+    def __init__(self, backend: ShmBackend) -> None:
+        self.backend = backend
+        self.rev = 0
+        self.hints: dict[tuple[str, bytes], int] = {}
+
+    def __enter__(self) -> _Write:
+        b = self.backend
+        b._check()
+        b._wlock.acquire()
+        try:
+            self.txn = b._env.begin(write=True)
+        except BaseException:
+            b._wlock.release()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        b = self.backend
+        try:
+            if exc_type is None:
+                b._maybe_sweep(self)
+                self.txn.commit()
+            else:
+                self.txn.abort()
+        except lmdb.Error as err:
+            with contextlib.suppress(lmdb.Error):
+                self.txn.abort()
+            raise _translate(b, err) from err
+        finally:
+            b._wlock.release()
+        if exc_type is None:
+            if self.hints:
+                b._send_hints(self.hints)
+        elif issubclass(exc_type, lmdb.Error):
+            raise _translate(b, exc) from exc
+
+    def next_rev(self) -> int:
+        if not self.rev:
+            raw = self.txn.get(b"rev", db=self.backend._meta)
+            self.rev = (_U64.unpack(raw)[0] if raw else 0) + 1
+            self.txn.put(b"rev", _U64.pack(self.rev), db=self.backend._meta)
+        else:
+            self.rev += 1
+            self.txn.put(b"rev", _U64.pack(self.rev), db=self.backend._meta)
+        return self.rev
+
+    def changed(self, op: bytes, kb: bytes, value: bytes | None, rev: int) -> None:
+        """Record a change in the history and wake the watchers of that key."""
+        b = self.backend
+        if b._history > 0:
+            record = op + struct.pack("<H", len(kb)) + kb + (value or b"")
+            self.txn.put(_BE64.pack(rev), record, db=b._hist, append=True)
+            if rev % 64 == 0:
+                b._trim_history(self.txn, rev)
+        for token in b._interested(self.txn, K_KEY, kb.decode()):
+            self.hints[(token, K_KEY + kb)] = 1
+
+    def wake(self, kind: bytes, name: bytes, counted: bool = False) -> None:
+        for token, count in self.backend._interested(self.txn, kind, name.decode()).items():
+            self.hints[(token, kind + name)] = count if counted else 1
+
+
+def _translate(b: ShmBackend, err: BaseException) -> BackendError:
+    if isinstance(err, lmdb.MapFullError):
+        return StoreFullError(
+            f"the store {b.url} is full ({b._env.info()['map_size']} bytes mapped); "
+            "nothing was written"
+        )
+    return BackendError(f"LMDB error in {b.url}: {err}")
+
+
+class ShmBackend(Backend):
+    """LMDB in shared memory (``shm://NAME``) or in a directory on disk (``file:///path``)."""
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        path: str | None = None,
+        create: bool = True,
+        keep: bool = False,
+        map_size: int | None = None,
+        history: int = 4096,
+        buffer: int = 1024,
+        buffer_bytes: int = 64 << 20,
+        durable: bool = False,
+    ) -> None:
+        if path is None:
+            if name is None:
+                name = f"p{os.getpid()}-{secrets.token_hex(4)}"
+            elif not _NAME_RE.match(name):
+                raise InvalidURLError(
+                    f"invalid store name {name!r}: use 1-64 letters, digits, '.', '_' or '-'"
+                )
+            directory = os.path.join(_private_root(), name)
+            self.url = f"shm://{name}"
+            self.persistent = False
+        else:
+            directory = os.path.abspath(path)
+            self.url = f"file://{directory}"
+            self.persistent = True
+            keep = True
+        self.name = name or os.path.basename(directory)
+        self.path = directory
+        self.keep = keep
+        self._durable = durable
+        self._map_size = map_size
+        self._history = history
+        self._buffer = max(1, buffer)
+        self._buffer_bytes = buffer_bytes
+        self._create = create
+        self._closed = False
+        self._lock = threading.Lock()
+        self._wlock = threading.Lock()
+        self._open()
+        _live.add(self)
+
+    # -- opening, forking, closing -------------------------------------------------------
+    def _open(self) -> None:
+        self._pid = os.getpid()
+        self._me = _proc.current()
+        self._token = self._me.token.hex()
+        self._attach_fd = self._attach()
+        try:
+            self._open_env()
+        except BaseException:
+            os.close(self._attach_fd)
+            raise
+        self._reg_version = -1
+        self._reg: list[tuple[bytes, str, str, int]] = []  # kind, pattern, token, count
+        self._match_cache: dict[tuple[bytes, str], dict[str, int]] = {}
+        self._alive_cache: dict[bytes, tuple[bool, float]] = {}
+        self._registered = False
+        self._sweep_at = 0.0
+        self._feeds: set[_ShmFeed] = set()
+        self._notifier = _notify.Notifier(
+            self._store_id, self.path, self._token, self._on_idle, self._next_deadline
+        )
+        self._env.reader_check()
+
+    def _attach(self) -> int:
+        """Hold a shared flock on attach.lock, creating the store directory when allowed."""
+        deadline = time.monotonic() + _ATTACH_TIMEOUT
+        lock_path = os.path.join(self.path, "attach.lock")
+        while True:
+            if self._create:
+                with contextlib.suppress(FileExistsError):
+                    os.makedirs(self.path, mode=0o700)
+            try:
+                fd = os.open(lock_path, os.O_RDWR | (os.O_CREAT if self._create else 0), 0o600)
+            except FileNotFoundError:
+                raise StoreNotFoundError(
+                    f"no store at {self.url}: it was never created, or every process using it "
+                    "has exited and it was removed"
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # Someone holds it exclusively: it is being removed right now. Retry.
+                os.close(fd)
+                if time.monotonic() > deadline:
+                    raise BackendError(f"timed out attaching to {self.url}") from None
+                time.sleep(0.01)
+                continue
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # removed between open and flock
+            if not self._create:
+                raise StoreNotFoundError(f"the store at {self.url} was removed")
+        info_path = os.path.join(self.path, "info.json")
+        if not os.path.exists(info_path):
+            self._store_id = secrets.token_hex(8)
+            info = {
+                "id": self._store_id,
+                "name": self.name,
+                "url": self.url,
+                "creator": os.getpid(),
+                "created": time.time(),
+                "keep": self.keep,
+            }
+            tmp = f"{info_path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(info, f)
+            os.chmod(tmp, 0o600)
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, info_path)  # first writer wins; losers read the winner's id
+            os.unlink(tmp)
+        with open(info_path) as f:
+            info = json.load(f)
+        self._store_id = info["id"]
+        self.keep = bool(info.get("keep", False)) or self.keep
+        return fd
+
+    def _open_env(self) -> None:
+        map_size = self._map_size
+        writemap = not self.persistent
+        if map_size is None:
+            map_size = _DEFAULT_MAP
+            if writemap:
+                # With a writable map, running tmpfs out of space would raise SIGBUS in whichever
+                # process touches the page; capping the map at the free space turns that into a
+                # clean StoreFullError instead (MDB_MAP_FULL).
+                st = os.statvfs(self.path)
+                current = 0
+                with contextlib.suppress(FileNotFoundError):
+                    current = os.stat(os.path.join(self.path, "data.mdb")).st_size
+                map_size = min(map_size, max(current, st.f_bavail * st.f_frsize))
+        try:
+            self._env = lmdb.open(
+                self.path,
+                map_size=map_size,
+                max_dbs=16,
+                max_readers=2048,
+                max_spare_txns=16,
+                sync=self._durable,
+                metasync=self._durable,
+                writemap=writemap,
+                readahead=False,
+                mode=0o600,
+                create=True,
+            )
+        except lmdb.Error as exc:
+            raise BackendError(f"cannot open the store at {self.path}: {exc}") from exc
+        env = self._env
+        with env.begin(write=True) as txn:
+            self._data = env.open_db(b"data", txn=txn)
+            self._exp = env.open_db(b"expiry", txn=txn)
+            self._hist = env.open_db(b"history", txn=txn)
+            self._meta = env.open_db(b"meta", txn=txn)
+            self._interest = env.open_db(b"interest", txn=txn)
+            self._chan = env.open_db(b"chan", txn=txn)
+            self._msgs = env.open_db(b"msgs", txn=txn)
+            self._queue = env.open_db(b"queue", txn=txn)
+            self._qmeta = env.open_db(b"qmeta", txn=txn)
+            self._locks = env.open_db(b"locks", txn=txn)
+            self._procs = env.open_db(b"procs", txn=txn)
+            self._eph = env.open_db(b"eph", txn=txn)
+        self.max_key_bytes = min(511, env.max_key_size())
+
+    def _after_fork(self) -> None:
+        """In a forked child: abandon the parent's handles, then attach anew."""
+        _orphans.append(self._env)
+        self._notifier.abandon()
+        for feed in list(self._feeds):
+            feed.closed = True
+        with contextlib.suppress(OSError):
+            os.close(self._attach_fd)  # our copy only; the parent keeps its own
+        self._create = False
+        self._lock = threading.Lock()
+        self._wlock = threading.Lock()  # another thread may have held it at fork time
+        self._open()
+
+    def _check(self) -> None:
+        if self._closed:
+            from .._errors import ClosedError
+
+            raise ClosedError("the store is closed")
+        if self._pid != os.getpid():
+            self._after_fork()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        _live.discard(self)
+        if self._pid != os.getpid():
+            _orphans.append(self._env)
+            self._notifier.abandon()
+            return
+        for feed in list(self._feeds):
+            feed.close()
+        self._notifier.close()
+        try:
+            if self._registered:
+                self._reap(self._me.token)
+        except Exception:  # the store stays consistent; stale entries are reaped by others
+            pass
+        self._env.close()
+        self._detach()
+
+    def _detach(self) -> None:
+        fd = self._attach_fd
+        try:
+            if not self.keep:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return  # other processes are still attached
+                shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+    # -- small helpers --------------------------------------------------------------------
+    def _write(self) -> _Write:
+        return _Write(self)
+
+    def _send_hints(self, hints: dict[tuple[str, bytes], int]) -> int:
+        reached = 0
+        dead: set[str] = set()
+        full: set[str] = set()
+        send = self._notifier.send
+        for (token, hint), count in hints.items():
+            if token in dead:
+                continue
+            if token == self._token and self._notifier.listening:
+                # Our own process: route directly, no socket round trip.
+                self._notifier.route(hint[0], hint[1:].decode())
+                reached += count
+                continue
+            result = send(token, hint)
+            if result == _notify.SENT:
+                reached += count
+            elif result == _notify.FULL:
+                reached += count
+                full.add(token)
+            else:
+                dead.add(token)
+        if full:
+            # The receiver's socket buffer is full: flag it, so it re-reads everything it follows.
+            with self._write() as w:
+                for token in full:
+                    w.txn.put(b"ovf" + bytes.fromhex(token), b"1", db=self._meta)
+        for token in dead:
+            if not _proc.ProcessId.from_token(bytes.fromhex(token)).alive():
+                self._reap(bytes.fromhex(token))
+        return reached
+
+    def _decode_record(self, kb: bytes, raw: bytes) -> Record | None:
+        flags, rev, exp = _HEADER.unpack_from(raw)
+        offset = _HSIZE
+        if flags & _F_EXPIRES and exp <= time.time():
+            return None
+        if flags & _F_EPHEMERAL:
+            owner = raw[_HSIZE : _HSIZE + _TOKEN_SIZE]
+            offset += _TOKEN_SIZE
+            if not self._owner_alive(owner):
+                return None
+        return Record(raw[offset:], rev, exp if flags & _F_EXPIRES else None)
+
+    def _owner_alive(self, token: bytes) -> bool:
+        if token == self._me.token:
+            return True
+        now = time.monotonic()
+        cached = self._alive_cache.get(token)
+        if cached is not None and (not cached[0] or now - cached[1] < 0.2):
+            return cached[0]
+        alive = _proc.ProcessId.from_token(token).alive()
+        self._alive_cache[token] = (alive, now)
+        return alive
+
+    # -- key-value ------------------------------------------------------------------------
+    def get(self, key: str) -> bytes | None:
+        if self._pid != os.getpid() or self._closed:
+            self._check()
+        with self._env.begin(db=self._data) as txn:
+            raw: bytes | None = txn.get(key.encode())
+        if raw is None:
+            return None
+        if raw[0] == 0:  # the common case: no expiry, not ephemeral
+            return raw[_HSIZE:]
+        rec = self._decode_record(b"", raw)
+        return None if rec is None else rec.value
+
+    def get_record(self, key: str) -> Record | None:
+        self._check()
+        kb = key.encode()
+        with self._env.begin(db=self._data) as txn:
+            raw = txn.get(kb)
+        return None if raw is None else self._decode_record(kb, raw)
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        self._check()
+        out: list[bytes | None] = []
+        with self._env.begin(db=self._data) as txn:
+            for key in keys:
+                kb = key.encode()
+                raw = txn.get(kb)
+                rec = None if raw is None else self._decode_record(kb, raw)
+                out.append(None if rec is None else rec.value)
+        return out
+
+    def _live_raw(self, txn: Any, kb: bytes) -> bytes | None:
+        """The stored record of ``kb`` if it is live; dead ones are removed on the way."""
+        raw: bytes | None = txn.get(kb, db=self._data)
+        if raw is None or raw[0] == 0:
+            return raw
+        if self._decode_record(kb, raw) is None:
+            self._remove(txn, kb, raw)
+            return None
+        return raw
+
+    def _remove(self, txn: Any, kb: bytes, raw: bytes) -> None:
+        flags, _, exp = _HEADER.unpack_from(raw)
+        txn.delete(kb, db=self._data)
+        if flags & _F_EXPIRES:
+            txn.delete(_be_expiry(exp) + kb, db=self._exp)
+        if flags & _F_EPHEMERAL:
+            txn.delete(raw[_HSIZE : _HSIZE + _TOKEN_SIZE] + kb, db=self._eph)
+
+    def _put(
+        self,
+        w: _Write,
+        kb: bytes,
+        value: bytes,
+        old: bytes | None,
+        ttl: float | None,
+        ephemeral: bool = False,
+        keep_expiry: bool = False,
+    ) -> int:
+        txn = w.txn
+        if old is not None:
+            flags, _, old_exp = _HEADER.unpack_from(old)
+            if keep_expiry and flags & _F_EXPIRES:
+                ttl = old_exp - time.time()
+            self._remove(txn, kb, old)
+        rev = w.next_rev()
+        flags = 0
+        exp = 0.0
+        owner = b""
+        if ttl is not None:
+            flags |= _F_EXPIRES
+            exp = time.time() + ttl
+            txn.put(_be_expiry(exp) + kb, b"", db=self._exp)
+            if self._notifier.listening:
+                self._notifier.wake()  # a watcher's timer may need to fire earlier
+        if ephemeral:
+            flags |= _F_EPHEMERAL
+            owner = self._me.token
+            txn.put(owner + kb, b"", db=self._eph)
+            self._register_process(txn)
+        txn.put(kb, _HEADER.pack(flags, rev, exp) + owner + value, db=self._data)
+        w.changed(_OP_SET, kb, value, rev)
+        return rev
+
+    def set(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        ttl: float | None = None,
+        if_revision: int | None = None,
+        ephemeral: bool = False,
+    ) -> int:
+        kb = key.encode()
+        with self._write() as w:
+            old = self._live_raw(w.txn, kb)
+            if if_revision is not None:
+                current = 0 if old is None else _HEADER.unpack_from(old)[1]
+                if current != if_revision:
+                    return 0
+            return self._put(w, kb, value, old, ttl, ephemeral)
+
+    def set_many(self, items: Sequence[tuple[str, bytes]], *, ttl: float | None = None) -> int:
+        rev = 0
+        with self._write() as w:
+            for key, value in items:
+                kb = key.encode()
+                rev = self._put(w, kb, value, self._live_raw(w.txn, kb), ttl)
+        return rev
+
+    def delete(self, key: str, *, if_revision: int | None = None) -> bool:
+        kb = key.encode()
+        with self._write() as w:
+            old = self._live_raw(w.txn, kb)
+            if old is None:
+                return False
+            if if_revision is not None and _HEADER.unpack_from(old)[1] != if_revision:
+                return False
+            self._remove(w.txn, kb, old)
+            w.changed(_OP_DELETE, kb, None, w.next_rev())
+            return True
+
+    def pop(self, key: str) -> bytes | None:
+        kb = key.encode()
+        with self._write() as w:
+            old = self._live_raw(w.txn, kb)
+            if old is None:
+                return None
+            rec = self._decode_record(kb, old)
+            self._remove(w.txn, kb, old)
+            w.changed(_OP_DELETE, kb, None, w.next_rev())
+        return None if rec is None else rec.value
+
+    def incr(self, key: str, amount: int) -> int:
+        from .._codec import decode_int
+
+        kb = key.encode()
+        with self._write() as w:
+            old = self._live_raw(w.txn, kb)
+            rec = None if old is None else self._decode_record(kb, old)
+            result = decode_int(None if rec is None else rec.value, repr(key)) + amount
+            self._put(w, kb, str(result).encode(), old, None, keep_expiry=True)
+        return result
+
+    def expire(self, key: str, ttl: float | None) -> bool:
+        kb = key.encode()
+        with self._write() as w:
+            old = self._live_raw(w.txn, kb)
+            if old is None:
+                return False
+            flags, _, _ = _HEADER.unpack_from(old)
+            if ttl is None and not flags & _F_EXPIRES:
+                return True
+            rec = self._decode_record(kb, old)
+            assert rec is not None
+            self._put(w, kb, rec.value, old, ttl, bool(flags & _F_EPHEMERAL))
+        return True
+
+    def items(self, pattern: str | None = None) -> list[tuple[str, bytes]]:
+        self._check()
+        out: list[tuple[str, bytes]] = []
+        prefix = _literal_prefix(pattern)
+        with self._env.begin(db=self._data) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(prefix):
+                return out
+            for kb, raw in cur:
+                if prefix and not kb.startswith(prefix):
+                    break
+                key = kb.decode()
+                if pattern is not None and not fnmatchcase(key, pattern):
+                    continue
+                if raw[0] == 0:
+                    out.append((key, raw[_HSIZE:]))
+                else:
+                    rec = self._decode_record(kb, raw)
+                    if rec is not None:
+                        out.append((key, rec.value))
+        return out
+
+    def keys(self, pattern: str | None = None) -> list[str]:
+        return [key for key, _ in self.items(pattern)]
+
+    def count(self) -> int:
+        self._check()
+        with self._env.begin() as txn:
+            total = int(txn.stat(self._data)["entries"])
+            if txn.stat(self._exp)["entries"] == 0 and txn.stat(self._eph)["entries"] == 0:
+                return total
+            # Some keys may be expired or orphaned but not yet swept: count the live ones.
+            cur = txn.cursor(db=self._data)
+            return sum(
+                1 for kb, raw in cur if raw[0] == 0 or self._decode_record(kb, raw) is not None
+            )
+
+    def clear(self) -> None:
+        with self._write() as w:
+            cur = w.txn.cursor(db=self._data)
+            keys = [kb for kb, raw in cur if raw[0] == 0 or self._decode_record(kb, raw)]
+            w.txn.drop(self._data, delete=False)
+            w.txn.drop(self._exp, delete=False)
+            w.txn.drop(self._eph, delete=False)
+            for kb in keys:
+                w.changed(_OP_DELETE, kb, None, w.next_rev())
+
+    def revision(self) -> int:
+        self._check()
+        with self._env.begin(db=self._meta) as txn:
+            raw = txn.get(b"rev")
+        return _U64.unpack(raw)[0] if raw else 0
+
+    # -- expiry and history -----------------------------------------------------------------
+    def _maybe_sweep(self, w: _Write, force: bool = False) -> None:
+        now = time.time()
+        if not force and now < self._sweep_at:
+            return
+        self._sweep_at = now + 0.05  # amortize: expired keys are invisible anyway
+        cur = w.txn.cursor(db=self._exp)
+        removed = 0
+        while cur.first() and removed < 256:
+            ek = cur.key()
+            if _BEF.unpack_from(ek)[0] > now:
+                break
+            kb = bytes(ek[8:])
+            raw = w.txn.get(kb, db=self._data)
+            cur.delete()
+            if raw is not None:
+                self._remove(w.txn, kb, raw)
+                w.changed(_OP_EXPIRE, kb, None, w.next_rev())
+            removed += 1
+
+    def _trim_history(self, txn: Any, rev: int) -> None:
+        cutoff = _BE64.pack(max(0, rev - self._history))
+        cur = txn.cursor(db=self._hist)
+        while cur.first() and cur.key() <= cutoff:
+            cur.delete()
+
+    def _next_expiry(self) -> float | None:
+        with self._env.begin(db=self._exp) as txn:
+            cur = txn.cursor()
+            if cur.first():
+                return float(_BEF.unpack_from(cur.key())[0])
+        return None
+
+    # -- interest registry and process table --------------------------------------------------
+    def _register_process(self, txn: Any) -> None:
+        if not self._registered:
+            txn.put(self._me.token, _U64.pack(int(time.time())), db=self._procs)
+            self._registered = True
+
+    def _interested(self, txn: Any, kind: bytes, name: str) -> dict[str, int]:
+        """Tokens (hex) of processes with interest of ``kind`` matching ``name``, with counts."""
+        raw = txn.get(b"iver", db=self._meta)
+        version = _U64.unpack(raw)[0] if raw else 0
+        if version != self._reg_version:
+            self._load_registry(txn, version)
+        if not self._reg:
+            return {}
+        cache_key = (kind, name)
+        found = self._match_cache.get(cache_key)
+        if found is None:
+            found = {}
+            for rkind, pattern, token, count in self._reg:
+                if rkind == kind and (pattern == name or fnmatchcase(name, pattern)):
+                    found[token] = found.get(token, 0) + count
+            if len(self._match_cache) > 4096:
+                self._match_cache.clear()
+            self._match_cache[cache_key] = found
+        return found
+
+    def _load_registry(self, txn: Any, version: int) -> None:
+        reg = []
+        for ik, raw in txn.cursor(db=self._interest):
+            kind = ik[:1]
+            pattern, token = ik[1 : -_TOKEN_SIZE - 1], ik[-_TOKEN_SIZE:]
+            reg.append((kind, pattern.decode(), token.hex(), _U64.unpack(raw)[0]))
+        self._reg = reg
+        self._reg_version = version
+        self._match_cache = {}
+
+    def _bump_interest(self, txn: Any) -> None:
+        raw = txn.get(b"iver", db=self._meta)
+        txn.put(b"iver", _U64.pack((_U64.unpack(raw)[0] if raw else 0) + 1), db=self._meta)
+
+    def _add_interest(self, txn: Any, kind: bytes, pattern: str, delta: int) -> None:
+        ik = kind + pattern.encode() + b"\0" + self._me.token
+        raw = txn.get(ik, db=self._interest)
+        count = (_U64.unpack(raw)[0] if raw else 0) + delta
+        if count > 0:
+            txn.put(ik, _U64.pack(count), db=self._interest)
+        else:
+            txn.delete(ik, db=self._interest)
+        self._register_process(txn)
+        self._bump_interest(txn)
+
+    def _reap(self, token: bytes) -> None:
+        """Remove everything a (dead or closing) process left: interest, locks, ephemeral keys."""
+        with self._write() as w:
+            txn = w.txn
+            changed = False
+            for ik in [k for k, _ in txn.cursor(db=self._interest) if k.endswith(token)]:
+                txn.delete(ik, db=self._interest)
+                changed = True
+            if changed:
+                self._bump_interest(txn)
+            for lk in [k for k, _ in txn.cursor(db=self._locks) if token in k]:
+                name = lk[: lk.index(b"\0")]
+                if lk[len(name) + 1 : len(name) + 1 + _TOKEN_SIZE] == token:
+                    txn.delete(lk, db=self._locks)
+                    w.wake(K_LOCK, name)
+            cur = txn.cursor(db=self._eph)
+            keys = []
+            if cur.set_range(token):
+                for ek, _ in cur:
+                    if not ek.startswith(token):
+                        break
+                    keys.append(bytes(ek[_TOKEN_SIZE:]))
+            for kb in keys:
+                txn.delete(token + kb, db=self._eph)
+                raw = txn.get(kb, db=self._data)
+                if raw is not None and raw[_HSIZE : _HSIZE + _TOKEN_SIZE] == token:
+                    self._remove(txn, kb, raw)
+                    w.changed(_OP_DELETE, kb, None, w.next_rev())
+            txn.delete(token, db=self._procs)
+            txn.delete(b"ovf" + token, db=self._meta)
+
+    def reap_dead(self) -> int:
+        """Release what dead processes left behind; returns how many processes were reaped."""
+        self._check()
+        with self._env.begin(db=self._procs) as txn:
+            tokens = [bytes(k) for k, _ in txn.cursor()]
+        dead = [t for t in tokens if not _proc.ProcessId.from_token(t).alive()]
+        for token in dead:
+            self._reap(token)
+        return len(dead)
+
+    # -- the notifier's background work ------------------------------------------------------
+    def _next_deadline(self) -> float | None:
+        if self._closed or not any(f.kind == K_KEY for f in list(self._feeds)):
+            return None
+        try:
+            nxt = self._next_expiry()
+        except lmdb.Error:
+            return None
+        if nxt is None:
+            return None
+        return time.monotonic() + max(0.0, nxt - time.time())
+
+    def _on_idle(self) -> None:
+        if self._closed or self._pid != os.getpid():
+            return
+        ovf = b"ovf" + self._me.token
+        with self._env.begin(db=self._meta) as txn:
+            overflowed = txn.get(ovf) is not None
+        if overflowed:
+            with self._write() as w:
+                w.txn.delete(ovf, db=self._meta)
+            for feed in list(self._feeds):
+                feed.hint(None)
+        if any(f.kind == K_KEY for f in list(self._feeds)):
+            nxt = self._next_expiry()
+            if nxt is not None and nxt <= time.time():
+                with self._write() as w:
+                    self._maybe_sweep(w, force=True)
+
+    # -- messaging -------------------------------------------------------------------------
+    def publish(self, channel: str, payload: bytes) -> int:
+        self._check()
+        cb = channel.encode()
+        # Most publishes with nobody listening stop here, after one read transaction.
+        with self._env.begin() as txn:
+            if not self._interested(txn, K_MESSAGE, channel):
+                return 0
+        with self._write() as w:
+            txn = w.txn
+            targets = self._interested(txn, K_MESSAGE, channel)
+            if not targets:
+                return 0
+            raw = txn.get(b"msg", db=self._meta)
+            msgid = (_U64.unpack(raw)[0] if raw else 0) + 1
+            txn.put(b"msg", _U64.pack(msgid), db=self._meta)
+            meta = txn.get(cb, db=self._chan)
+            last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
+            seq = last + 1
+            txn.put(cb + b"\0" + _BE64.pack(seq), _U64.pack(msgid) + payload, db=self._msgs)
+            nbytes += len(payload)
+            # Bounded buffer: drop the oldest messages past the count or byte limit.
+            while first <= seq - 1 and (
+                seq - first + 1 > self._buffer or nbytes > self._buffer_bytes
+            ):
+                old = txn.pop(cb + b"\0" + _BE64.pack(first), db=self._msgs)
+                if old is not None:
+                    nbytes -= len(old) - 8
+                first += 1
+            txn.put(cb, _CHAN.pack(seq, first, nbytes), db=self._chan)
+            for token, count in targets.items():
+                w.hints[(token, K_MESSAGE + cb)] = count
+            hints, w.hints = w.hints, {}
+        return self._send_hints(hints)
+
+    def subscribe(self, patterns: Iterable[str]) -> Feed:
+        return _MessageFeed(self, tuple(patterns))
+
+    def watch(self, pattern: str, since: int | None) -> Feed:
+        return _WatchFeed(self, pattern, since)
+
+    # -- queues ----------------------------------------------------------------------------
+    def queue_put(self, name: str, item: bytes, maxsize: int) -> bool:
+        nb = name.encode()
+        with self._write() as w:
+            raw = w.txn.get(nb, db=self._qmeta)
+            head, tail = _QMETA.unpack(raw) if raw else (0, 0)
+            if maxsize > 0 and tail - head >= maxsize:
+                return False
+            w.txn.put(nb + b"\0" + _BE64.pack(tail), item, db=self._queue)
+            w.txn.put(nb, _QMETA.pack(head, tail + 1), db=self._qmeta)
+            w.wake(K_QUEUE, nb)
+        return True
+
+    def queue_get(self, name: str) -> bytes | None:
+        nb = name.encode()
+        with self._write() as w:
+            raw = w.txn.get(nb, db=self._qmeta)
+            if raw is None:
+                return None
+            head, tail = _QMETA.unpack(raw)
+            if head >= tail:
+                return None
+            item: bytes = w.txn.pop(nb + b"\0" + _BE64.pack(head), db=self._queue)
+            if head + 1 == tail:
+                w.txn.delete(nb, db=self._qmeta)
+            else:
+                w.txn.put(nb, _QMETA.pack(head + 1, tail), db=self._qmeta)
+            w.wake(K_QUEUE, nb)
+        return item
+
+    def queue_size(self, name: str) -> int:
+        self._check()
+        with self._env.begin(db=self._qmeta) as txn:
+            raw = txn.get(name.encode())
+        if raw is None:
+            return 0
+        head, tail = _QMETA.unpack(raw)
+        return int(tail - head)
+
+    def queue_feed(self, name: str) -> Feed:
+        return _WakeFeed(self, K_QUEUE, name)
+
+    # -- locks -----------------------------------------------------------------------------
+    def _lock_key(self, name: bytes, owner: LockInfo) -> bytes:
+        return name + b"\0" + self._me.token + _U64.pack(owner.ident)
+
+    def _lock_holders(self, txn: Any, nb: bytes) -> list[tuple[bytes, bytes]]:
+        prefix = nb + b"\0"
+        cur = txn.cursor(db=self._locks)
+        out = []
+        if cur.set_range(prefix):
+            for lk, val in cur:
+                if not lk.startswith(prefix):
+                    break
+                out.append((bytes(lk), bytes(val)))
+        return out
+
+    def lock_acquire(self, name: str, limit: int, owner: LockInfo) -> bool:
+        nb = name.encode()
+        with self._write() as w:
+            txn = w.txn
+            holders = 0
+            for lk, _ in self._lock_holders(txn, nb):
+                token = lk[len(nb) + 1 : len(nb) + 1 + _TOKEN_SIZE]
+                if token == self._me.token or _proc.ProcessId.from_token(token).alive():
+                    holders += 1
+                else:
+                    txn.delete(lk, db=self._locks)  # its holder died: the OS told us
+            if holders >= limit:
+                return False
+            value = _LOCKVAL.pack(owner.since, owner.thread_id) + owner.thread_name.encode()[:200]
+            txn.put(self._lock_key(nb, owner), value, db=self._locks)
+            self._register_process(txn)
+        return True
+
+    def lock_release(self, name: str, owner: LockInfo) -> bool:
+        nb = name.encode()
+        lk = self._lock_key(nb, owner)
+        with self._write() as w:
+            if not w.txn.delete(lk, db=self._locks):
+                return False
+            w.wake(K_LOCK, nb)
+        return True
+
+    def lock_owners(self, name: str) -> list[LockInfo]:
+        self._check()
+        nb = name.encode()
+        with self._env.begin() as txn:
+            holders = self._lock_holders(txn, nb)
+        out = []
+        for lk, val in holders:
+            rest = lk[len(nb) + 1 :]
+            pid_info = _proc.ProcessId.from_token(rest[:_TOKEN_SIZE])
+            if not pid_info.alive():
+                continue
+            since, thread_id = _LOCKVAL.unpack_from(val)
+            out.append(
+                LockInfo(
+                    pid=pid_info.pid,
+                    thread_id=thread_id,
+                    thread_name=val[_LOCKVAL.size :].decode(errors="replace"),
+                    since=since,
+                    ident=_U64.unpack(rest[_TOKEN_SIZE:])[0],
+                )
+            )
+        return out
+
+    def lock_feed(self, name: str) -> Feed:
+        return _WakeFeed(self, K_LOCK, name)
+
+    # -- statistics ------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        self._check()
+        info = self._env.info()
+        with self._env.begin() as txn:
+            raw_rev = txn.get(b"rev", db=self._meta)
+            raw_msg = txn.get(b"msg", db=self._meta)
+            raw_drop = txn.get(b"dropped", db=self._meta)
+            locks = txn.stat(self._locks)["entries"]
+            procs = [bytes(k) for k, _ in txn.cursor(db=self._procs)]
+        used = 0
+        for fname in ("data.mdb", "lock.mdb"):
+            with contextlib.suppress(FileNotFoundError):
+                used += os.stat(os.path.join(self.path, fname)).st_blocks * 512
+        return {
+            "url": self.url,
+            "path": self.path,
+            "keys": self.count(),
+            "bytes_used": used,
+            "map_size": info["map_size"],
+            "revision": _U64.unpack(raw_rev)[0] if raw_rev else 0,
+            "messages_published": _U64.unpack(raw_msg)[0] if raw_msg else 0,
+            "messages_dropped": _U64.unpack(raw_drop)[0] if raw_drop else 0,
+            "locks_held": locks,
+            "processes": [p.pid for p in map(_proc.ProcessId.from_token, procs) if p.alive()],
+            "readers": _reader_pids(self._env),
+        }
+
+    def add_dropped(self, count: int) -> None:
+        with self._write() as w:
+            raw = w.txn.get(b"dropped", db=self._meta)
+            total = (_U64.unpack(raw)[0] if raw else 0) + count
+            w.txn.put(b"dropped", _U64.pack(total), db=self._meta)
+
+
+def _reader_pids(env: Any) -> list[int]:
+    pids = set()
+    for line in env.readers().splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0].isdigit():
+            pids.add(int(parts[0]))
+    return sorted(pids)
+
+
+def _literal_prefix(pattern: str | None) -> bytes:
+    """The part of a glob before its first wildcard, to seek instead of scanning everything."""
+    if not pattern:
+        return b""
+    cut = len(pattern)
+    for ch in "*?[":
+        i = pattern.find(ch)
+        if i != -1:
+            cut = min(cut, i)
+    return pattern[:cut].encode()
+
+
+# -- feeds -----------------------------------------------------------------------------------
+class _ShmFeed(Feed):
+    """A feed registered with this process's notifier (and, for others, in the interest table)."""
+
+    kind: bytes
+
+    def __init__(self, backend: ShmBackend, patterns: tuple[str, ...]) -> None:
+        super().__init__()
+        backend._check()
+        self.backend = backend
+        self.patterns = patterns
+        self._dirty: dict[str, None] = {}
+        self._all_dirty = False
+
+    def _register(self, txn: Any) -> None:
+        for pattern in self.patterns:
+            self.backend._add_interest(txn, self.kind, pattern, +1)
+
+    def _start(self) -> None:
+        b = self.backend
+        b._feeds.add(self)
+        b._notifier.add(self)
+        b._notifier.listen()
+
+    def matches(self, kind: int, name: str) -> bool:
+        return kind == self.kind[0] and _notify.glob_matches(self.patterns, name) is not None
+
+    def hint(self, name: str | None) -> None:
+        with self._cond:
+            if name is None:
+                self._all_dirty = True
+            else:
+                self._dirty[name] = None
+        self.notify()
+
+    def _take_dirty(self) -> tuple[list[str], bool]:
+        with self._cond:
+            dirty, self._dirty = list(self._dirty), {}
+            everything, self._all_dirty = self._all_dirty, False
+        return dirty, everything
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        b = self.backend
+        b._notifier.remove(self)
+        b._feeds.discard(self)
+        super().close()
+        if b._closed or b._pid != os.getpid():
+            return
+        with contextlib.suppress(Exception), b._write() as w:
+            for pattern in self.patterns:
+                b._add_interest(w.txn, self.kind, pattern, -1)
+
+
+class _MessageFeed(_ShmFeed):
+    kind = K_MESSAGE
+
+    def __init__(self, backend: ShmBackend, patterns: tuple[str, ...]) -> None:
+        super().__init__(backend, patterns)
+        # Where each channel stood when we subscribed: later messages are ours, and any of
+        # them trimmed before we read them are reported as a gap.
+        self._cursors: dict[str, int] = {}
+        with backend._write() as w:
+            self._register(w.txn)
+            for ck, meta in w.txn.cursor(db=backend._chan):
+                channel = ck.decode()
+                if _notify.glob_matches(patterns, channel) is not None:
+                    self._cursors[channel] = _CHAN.unpack(meta)[0]
+        self._start()
+
+    def fetch(self) -> list[Any]:
+        dirty, everything = self._take_dirty()
+        if not dirty and not everything:
+            return []
+        b = self.backend
+        events: list[tuple[int, Any]] = []
+        with b._env.begin() as txn:
+            if everything:
+                dirty = [
+                    k.decode()
+                    for k, _ in txn.cursor(db=b._chan)
+                    if _notify.glob_matches(self.patterns, k.decode())
+                ]
+            for channel in dirty:
+                pattern = _notify.glob_matches(self.patterns, channel)
+                if pattern is None:
+                    continue
+                self._read_channel(txn, channel, pattern, events)
+        events.sort(key=lambda e: e[0])  # global publish order across channels
+        return [e for _, e in events]
+
+    def _read_channel(
+        self, txn: Any, channel: str, pattern: str, events: list[tuple[int, Any]]
+    ) -> None:
+        b = self.backend
+        cb = channel.encode()
+        meta = txn.get(cb, db=b._chan)
+        if meta is None:
+            return
+        last, first, _ = _CHAN.unpack(meta)
+        cursor = self._cursors.get(channel, 0)
+        shown = None if pattern == channel else pattern
+        if cursor >= last:
+            return
+        if cursor + 1 < first:
+            events.append((0, Gap(channel, cursor + 1, first - 1)))
+        start = max(cursor + 1, first)
+        prefix = cb + b"\0"
+        cur = txn.cursor(db=b._msgs)
+        if cur.set_range(prefix + _BE64.pack(start)):
+            for mk, val in cur:
+                if not mk.startswith(prefix):
+                    break
+                seq = _BE64.unpack_from(mk, len(prefix))[0]
+                msgid = _U64.unpack_from(val)[0]
+                events.append((msgid, (channel, bytes(val[8:]), seq, shown)))
+        self._cursors[channel] = last
+
+
+class _WatchFeed(_ShmFeed):
+    kind = K_KEY
+
+    def __init__(self, backend: ShmBackend, pattern: str, since: int | None) -> None:
+        super().__init__(backend, (pattern,))
+        with backend._write() as w:
+            self._register(w.txn)
+            raw = w.txn.get(b"rev", db=backend._meta)
+            current = _U64.unpack(raw)[0] if raw else 0
+            if since is not None and since < current:
+                cur = w.txn.cursor(db=backend._hist)
+                oldest = _BE64.unpack(cur.key())[0] if cur.first() else current + 1
+                if since + 1 < oldest:
+                    raise RevisionTooOldError(
+                        f"changes after revision {since} are no longer retained "
+                        f"(the oldest retained is {oldest})",
+                        oldest,
+                    )
+            self._cursor = current if since is None else min(since, current)
+        self._start()
+        if since is not None and self._cursor < current:
+            self.hint(None)
+
+    def fetch(self) -> list[Any]:
+        dirty, everything = self._take_dirty()
+        if not dirty and not everything:
+            return []
+        b = self.backend
+        out: list[Any] = []
+        pattern = self.patterns[0]
+        with b._env.begin() as txn:
+            cur = txn.cursor(db=b._hist)
+            if not cur.set_range(_BE64.pack(self._cursor + 1)):
+                return out
+            first = True
+            for hk, record in cur:
+                rev = _BE64.unpack(hk)[0]
+                if first and rev > self._cursor + 1 and self._cursor > 0:
+                    out.append(Gap("", self._cursor + 1, rev - 1))
+                first = False
+                (klen,) = struct.unpack_from("<H", record, 1)
+                key = bytes(record[3 : 3 + klen]).decode()
+                self._cursor = rev
+                if not (pattern == key or fnmatchcase(key, pattern)):
+                    continue
+                op = _OPS[bytes(record[:1])]
+                value = bytes(record[3 + klen :]) if op == "set" else None
+                out.append((op, key, rev, value))
+        return out
+
+
+class _WakeFeed(_ShmFeed):
+    """Only wake-ups (for blocking queue and lock waits); the waiter re-reads state itself."""
+
+    def __init__(self, backend: ShmBackend, kind: bytes, name: str) -> None:
+        self.kind = kind
+        super().__init__(backend, (name,))
+        with backend._write() as w:
+            self._register(w.txn)
+        self._start()
+
+    def fetch(self) -> list[Any]:
+        self._take_dirty()
+        return []
+
+
+def list_stores() -> list[dict[str, Any]]:
+    """The stores under this user's root, with their info and whether anyone is attached."""
+    root = root_dir()
+    out: list[dict[str, Any]] = []
+    if not os.path.isdir(root):
+        return out
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        try:
+            with open(os.path.join(path, "info.json")) as f:
+                info: dict[str, Any] = json.load(f)
+        except (OSError, ValueError):
+            info = {"name": name, "url": f"shm://{name}"}
+        info["path"] = path
+        info["live"] = _attached(path)
+        out.append(info)
+    return out
+
+
+def _attached(path: str) -> bool:
+    try:
+        fd = os.open(os.path.join(path, "attach.lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def sweep_stale(min_age: float = 5.0) -> list[str]:
+    """Remove stores that nobody is attached to (their users crashed), unless kept on purpose."""
+    root = root_dir()
+    removed: list[str] = []
+    if not os.path.isdir(root):
+        return removed
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        lock_path = os.path.join(path, "attach.lock")
+        try:
+            with open(os.path.join(path, "info.json")) as f:
+                if json.load(f).get("keep"):
+                    continue
+        except (OSError, ValueError):
+            # No info: half-created. Only remove it once it is clearly abandoned.
+            try:
+                if time.time() - os.stat(path).st_mtime < min_age:
+                    continue
+            except FileNotFoundError:
+                continue
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)
+        except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - os.stat(path).st_mtime >= min_age:
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def destroy(name: str) -> bool:
+    """Remove a named store (even one kept with ``keep=True``) once nobody is attached."""
+    path = os.path.join(root_dir(), name)
+    if not _NAME_RE.match(name) or not os.path.isdir(path):
+        return False
+    if _attached(path):
+        raise BackendError(f"store {name!r} is still in use")
+    shutil.rmtree(path, ignore_errors=True)
+    return True

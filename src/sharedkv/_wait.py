@@ -1,0 +1,92 @@
+"""Waiting for a feed, from a thread or from an event loop, without polling.
+
+The pattern everywhere is: read the feed's generation, try the operation, and if it could not
+proceed, sleep until the generation moves (a wake-up arrived) or time runs out. Reading the
+generation *before* trying closes the race with a wake-up that lands in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from ._backends.base import Feed
+
+T = TypeVar("T")
+
+#: the timeout of every blocking call that is not given one, in seconds
+DEFAULT_TIMEOUT = 30.0
+
+
+def resolve_timeout(timeout: float | None, default: float = DEFAULT_TIMEOUT) -> float:
+    """``None`` means the default; anything else must be a non-negative number (inf allowed)."""
+    if timeout is None:
+        return default
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__qualname__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise ValueError(f"timeout must be >= 0, not {timeout!r}")
+    return float(timeout)
+
+
+def retry_until(
+    attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None = None
+) -> T | None:
+    """Call ``attempt`` until it returns non-None, sleeping on ``feed`` in between.
+
+    ``recheck`` bounds each sleep, for conditions that can change without a wake-up (a lock
+    holder that dies without releasing is noticed by the next attempt).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        generation = feed.generation
+        result = attempt()
+        if result is not None:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or feed.closed:
+            return None
+        feed.wait(generation, remaining if recheck is None else min(remaining, recheck))
+
+
+async def wait_async(feed: Feed, generation: int, timeout: float) -> bool:
+    """The event-loop twin of :meth:`Feed.wait`: no thread is blocked while waiting."""
+    if feed.generation != generation or feed.closed:
+        return True
+    loop = asyncio.get_running_loop()
+    woken = asyncio.Event()
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the loop may already be closed
+            loop.call_soon_threadsafe(woken.set)
+
+    remove = feed.add_wakeup(wake)
+    try:
+        if feed.generation != generation:
+            return True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(woken.wait(), None if math.isinf(timeout) else timeout)
+        return woken.is_set()
+    finally:
+        remove()
+
+
+async def retry_until_async(
+    attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None = None
+) -> T | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        generation = feed.generation
+        result = attempt()
+        if result is not None:
+            return result
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or feed.closed:
+            return None
+        await wait_async(
+            feed, generation, remaining if recheck is None else min(remaining, recheck)
+        )

@@ -1,0 +1,77 @@
+"""Fixtures shared by every test: one ``store`` fixture that runs the suite on every backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import sharedkv
+from sharedkv._backends import shm
+
+from ._redis_server import RedisServer, redis_server_binary
+
+BACKENDS: list[object] = ["memory", "shm"]
+if importlib.util.find_spec("sharedkv._backends.redis") is not None:
+    BACKENDS.append(pytest.param("redis", marks=pytest.mark.redis))
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    if redis_server_binary() is None:
+        if os.environ.get("SHAREDKV_REQUIRE_REDIS"):
+            pytest.fail("SHAREDKV_REQUIRE_REDIS is set but redis-server is not installed")
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
+def unique_name(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest) -> Iterator[sharedkv.Store]:
+    kind = request.param
+    if kind == "redis":
+        pytest.importorskip("redis")
+    url = _url_for(request, kind)
+    s = sharedkv.Store(url)
+    try:
+        yield s
+    finally:
+        if kind == "redis" and not s.closed:
+            s.clear()
+        s.close()
+
+
+def _url_for(request: pytest.FixtureRequest, kind: str) -> str:
+    if kind == "memory":
+        return "memory://"
+    if kind == "shm":
+        return f"shm://{unique_name()}"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return f"{server.url}?namespace={unique_name('ns')}"
+
+
+@pytest.fixture
+def shm_store() -> Iterator[sharedkv.Store]:
+    s = sharedkv.Store(f"shm://{unique_name()}")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_leftover_stores() -> Iterator[None]:
+    before = set(os.listdir(shm.root_dir())) if os.path.isdir(shm.root_dir()) else set()
+    yield
+    after = set(os.listdir(shm.root_dir())) if os.path.isdir(shm.root_dir()) else set()
+    leaked = sorted(after - before)
+    assert not leaked, f"tests left stores behind: {leaked}"
