@@ -96,7 +96,7 @@ def open_backend(url: str | None, options: dict[str, Any]) -> tuple[Backend, str
 
 
 def _shm_tuning(options: dict[str, Any]) -> dict[str, Any]:
-    allowed = ("history", "buffer", "buffer_bytes")
+    allowed = ("history", "history_bytes", "buffer", "buffer_bytes")
     unknown = set(options) - set(allowed) - {"map_size", "keep", "create", "durable"}
     if unknown:
         raise TypeError(f"unknown store option(s): {', '.join(sorted(unknown))}")

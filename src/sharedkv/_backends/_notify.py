@@ -33,6 +33,7 @@ from typing import Protocol
 log = logging.getLogger("sharedkv")
 
 _ABSTRACT = sys.platform.startswith("linux")
+_HAS_PIDFD = hasattr(os, "pidfd_open")
 _RCVBUF = 4 << 20  # the kernel caps this at net.core.rmem_max; more room means fewer overflows
 
 SENT, DEAD, FULL = 0, 1, 2
@@ -59,11 +60,16 @@ class Notifier:
         token_hex: str,
         on_idle: Callable[[], None],
         next_deadline: Callable[[], float | None],
+        on_exit: Callable[[bytes], None] = lambda token: None,
     ) -> None:
         self._store_id = store_id
         self._directory = directory
         self._on_idle = on_idle
         self._next_deadline = next_deadline
+        self._on_exit = on_exit
+        # Processes whose exit we are told about by the kernel (pidfd), by token.
+        self._watched: dict[bytes, int] = {}
+        self._pidfds: dict[int, bytes] = {}
         self.address = self.address_of(token_hex)
         self._feeds: list[LocalFeed] = []
         self._lock = threading.Lock()
@@ -142,6 +148,45 @@ class Notifier:
             except Exception:  # a broken feed must not stop the others
                 log.exception("sharedkv: a feed failed to take a wake-up")
 
+    def watch_exits(self, processes: dict[bytes, int]) -> None:
+        """Report (through ``on_exit``) when any of these processes (token -> pid) exits."""
+        with self._lock:
+            changed = processes != self._watched
+            self._watched = dict(processes)
+        if changed:
+            self.wake()
+
+    def _sync_pidfds(self, poller: select.poll) -> list[bytes]:
+        """Open pidfds for newly watched processes, close the others; returns exits seen."""
+        from .. import _proc
+
+        with self._lock:
+            wanted = dict(self._watched)
+        exited: list[bytes] = []
+        current = {token: fd for fd, token in self._pidfds.items()}
+        for token, fd in current.items():
+            if token not in wanted:
+                poller.unregister(fd)
+                os.close(fd)
+                del self._pidfds[fd]
+        for token, pid in wanted.items():
+            if token in current:
+                continue
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                exited.append(token)
+                continue
+            # The pid may have been reused since the token was written: check it is the same
+            # process (by start time) now that the pidfd pins it.
+            if not _proc.ProcessId.from_token(token).alive():
+                os.close(fd)
+                exited.append(token)
+                continue
+            self._pidfds[fd] = token
+            poller.register(fd, select.POLLIN)
+        return exited
+
     def wake(self) -> None:
         """Make the routing thread run ``on_idle`` soon (for example after a deadline changed)."""
         with contextlib.suppress(BlockingIOError, OSError):
@@ -155,7 +200,16 @@ class Notifier:
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        exited: list[bytes] = []
         while not self._closing:
+            if _HAS_PIDFD:
+                exited += self._sync_pidfds(poller)
+            for token in exited:
+                try:
+                    self._on_exit(token)
+                except Exception:
+                    log.exception("sharedkv: cleaning up after an exited process failed")
+            exited = []
             deadline = self._next_deadline()
             timeout_ms = None
             if deadline is not None:
@@ -170,6 +224,10 @@ class Notifier:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                elif fd in self._pidfds:
+                    exited.append(self._pidfds.pop(fd))
+                    poller.unregister(fd)
+                    os.close(fd)
             hints: dict[tuple[int, str], None] = {}
             while True:
                 try:
@@ -198,6 +256,9 @@ class Notifier:
         self.wake()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
+        for fd in list(self._pidfds):
+            os.close(fd)
+        self._pidfds.clear()
         if self._recv is not None:
             self._recv.close()
             if not _ABSTRACT and isinstance(self.address, str):
@@ -209,9 +270,10 @@ class Notifier:
 
     def abandon(self) -> None:
         """In a forked child: drop the parent's socket and thread without touching them."""
-        for fd in (self._wake_r, self._wake_w):
+        for fd in (self._wake_r, self._wake_w, *self._pidfds):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        self._pidfds.clear()
         for sock in (self._recv, self._send):
             if sock is not None:
                 # detach() forgets the fd without shutting the parent's socket down.

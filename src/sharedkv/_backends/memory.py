@@ -32,7 +32,12 @@ class _Channel:
 
 class MemoryBackend(Backend):
     def __init__(
-        self, *, history: int = 4096, buffer: int = 1024, buffer_bytes: int = 64 << 20
+        self,
+        *,
+        history: int = 4096,
+        history_bytes: int = 32 << 20,
+        buffer: int = 1024,
+        buffer_bytes: int = 64 << 20,
     ) -> None:
         self.url = "memory://"
         self.max_key_bytes = 511
@@ -42,6 +47,8 @@ class MemoryBackend(Backend):
         self._rev = 0
         self._history_limit = history
         self._history: deque[tuple[int, str, str, bytes | None]] = deque()
+        self._history_bytes_limit = history_bytes
+        self._history_bytes = 0
         self._buffer = max(1, buffer)
         self._buffer_bytes = buffer_bytes
         self._channels: dict[str, _Channel] = {}
@@ -70,8 +77,13 @@ class MemoryBackend(Backend):
         self._rev += 1
         if self._history_limit > 0:
             self._history.append((self._rev, kind, key, value))
-            while len(self._history) > self._history_limit:
-                self._history.popleft()
+            self._history_bytes += len(key) + len(value or b"")
+            while len(self._history) > 1 and (
+                len(self._history) > self._history_limit
+                or self._history_bytes > self._history_bytes_limit
+            ):
+                _, _, old_key, old_value = self._history.popleft()
+                self._history_bytes -= len(old_key) + len(old_value or b"")
         self._wake("k", key)
         return self._rev
 

@@ -126,12 +126,13 @@ class _Write:
     mutex then serializes processes.
     """
 
-    __slots__ = ("backend", "hints", "rev", "txn")
+    __slots__ = ("backend", "expiry_added", "hints", "rev", "txn")
 
     def __init__(self, backend: ShmBackend) -> None:
         self.backend = backend
         self.rev = 0
         self.hints: dict[tuple[str, bytes], int] = {}
+        self.expiry_added = False
 
     def __enter__(self) -> _Write:
         b = self.backend
@@ -159,6 +160,8 @@ class _Write:
         finally:
             b._wlock.release()
         if exc_type is None:
+            if self.expiry_added and b._notifier.listening:
+                b._notifier.wake()  # a watcher's expiry timer may now have to fire sooner
             if self.hints:
                 b._send_hints(self.hints)
         elif issubclass(exc_type, lmdb.Error):
@@ -180,8 +183,7 @@ class _Write:
         if b._history > 0:
             record = op + struct.pack("<H", len(kb)) + kb + (value or b"")
             self.txn.put(_BE64.pack(rev), record, db=b._hist, append=True)
-            if rev % 64 == 0:
-                b._trim_history(self.txn, rev)
+            b._history_grew(self.txn, rev, len(record))
         for token in b._interested(self.txn, K_KEY, kb.decode()):
             self.hints[(token, K_KEY + kb)] = 1
 
@@ -211,6 +213,7 @@ class ShmBackend(Backend):
         keep: bool = False,
         map_size: int | None = None,
         history: int = 4096,
+        history_bytes: int = 32 << 20,
         buffer: int = 1024,
         buffer_bytes: int = 64 << 20,
         durable: bool = False,
@@ -236,6 +239,7 @@ class ShmBackend(Backend):
         self._durable = durable
         self._map_size = map_size
         self._history = history
+        self._history_bytes = history_bytes
         self._buffer = max(1, buffer)
         self._buffer_bytes = buffer_bytes
         self._create = create
@@ -264,9 +268,17 @@ class ShmBackend(Backend):
         self._sweep_at = 0.0
         self._feeds: set[_ShmFeed] = set()
         self._notifier = _notify.Notifier(
-            self._store_id, self.path, self._token, self._on_idle, self._next_deadline
+            self._store_id,
+            self.path,
+            self._token,
+            self._on_idle,
+            self._next_deadline,
+            self._on_process_exit,
         )
+        # Leftovers of crashed processes: LMDB reader slots, then our own records of them.
         self._env.reader_check()
+        with contextlib.suppress(BackendError):
+            self.reap_dead()
 
     def _attach(self) -> int:
         """Hold a shared flock on attach.lock, creating the store directory when allowed."""
@@ -556,8 +568,7 @@ class ShmBackend(Backend):
             flags |= _F_EXPIRES
             exp = time.time() + ttl
             txn.put(_be_expiry(exp) + kb, b"", db=self._exp)
-            if self._notifier.listening:
-                self._notifier.wake()  # a watcher's timer may need to fire earlier
+            w.expiry_added = True
         if ephemeral:
             flags |= _F_EPHEMERAL
             owner = self._me.token
@@ -714,11 +725,19 @@ class ShmBackend(Backend):
                 w.changed(_OP_EXPIRE, kb, None, w.next_rev())
             removed += 1
 
-    def _trim_history(self, txn: Any, rev: int) -> None:
-        cutoff = _BE64.pack(max(0, rev - self._history))
-        cur = txn.cursor(db=self._hist)
-        while cur.first() and cur.key() <= cutoff:
-            cur.delete()
+    def _history_grew(self, txn: Any, rev: int, size: int) -> None:
+        """Keep the history within ``history`` changes and ``history_bytes`` bytes."""
+        raw = txn.get(b"hbytes", db=self._meta)
+        total = (_U64.unpack(raw)[0] if raw else 0) + size
+        if rev % 64 == 0 or total > self._history_bytes:
+            cutoff = _BE64.pack(max(0, rev - self._history))
+            cur = txn.cursor(db=self._hist)
+            while cur.first() and (cur.key() <= cutoff or total > self._history_bytes):
+                if cur.key() == _BE64.pack(rev):
+                    break  # always keep the change just made
+                total -= len(cur.value())
+                cur.delete()
+        txn.put(b"hbytes", _U64.pack(total), db=self._meta)
 
     def _next_expiry(self) -> float | None:
         with self._env.begin(db=self._exp) as txn:
@@ -827,9 +846,30 @@ class ShmBackend(Backend):
             nxt = self._next_expiry()
         except lmdb.Error:
             return None
-        if nxt is None:
-            return None
-        return time.monotonic() + max(0.0, nxt - time.time())
+        deadline = None if nxt is None else time.monotonic() + max(0.0, nxt - time.time())
+        if not _notify._HAS_PIDFD and self._ephemeral_owners():
+            # Without pidfds, look for dead owners of ephemeral keys twice a second.
+            soon = time.monotonic() + 0.5
+            deadline = soon if deadline is None else min(deadline, soon)
+        return deadline
+
+    def _ephemeral_owners(self) -> dict[bytes, int]:
+        """Processes (other than this one) that own ephemeral keys: token -> pid."""
+        owners: dict[bytes, int] = {}
+        with self._env.begin(db=self._eph) as txn:
+            cur = txn.cursor()
+            more = cur.first()
+            while more:
+                token = bytes(cur.key()[:_TOKEN_SIZE])
+                if token != self._me.token:
+                    owners[token] = _proc.ProcessId.from_token(token).pid
+                # Jump past every key of this owner.
+                more = cur.set_range(token + b"\xff" * 8)
+        return owners
+
+    def _on_process_exit(self, token: bytes) -> None:
+        if not self._closed and self._pid == os.getpid():
+            self._reap(token)
 
     def _on_idle(self) -> None:
         if self._closed or self._pid != os.getpid():
@@ -847,6 +887,15 @@ class ShmBackend(Backend):
             if nxt is not None and nxt <= time.time():
                 with self._write() as w:
                     self._maybe_sweep(w, force=True)
+            # Watchers must see ephemeral keys go when their owner dies: ask the kernel to tell
+            # us when each owner exits (pidfd), or check them here where there is no pidfd.
+            owners = self._ephemeral_owners()
+            if _notify._HAS_PIDFD:
+                self._notifier.watch_exits(owners)
+            else:
+                for token in owners:
+                    if not _proc.ProcessId.from_token(token).alive():
+                        self._reap(token)
 
     # -- messaging -------------------------------------------------------------------------
     def publish(self, channel: str, payload: bytes) -> int:
@@ -1078,6 +1127,7 @@ class _ShmFeed(Feed):
         b._feeds.add(self)
         b._notifier.add(self)
         b._notifier.listen()
+        b._notifier.wake()  # let the notifier look at deadlines and owners for this feed
 
     def matches(self, kind: int, name: str) -> bool:
         return kind == self.kind[0] and _notify.glob_matches(self.patterns, name) is not None
