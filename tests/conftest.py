@@ -31,8 +31,12 @@ def redis_server() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+_SESSION = uuid.uuid4().hex[:6]
+
+
 def unique_name(prefix: str = "t") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+    """A store name unique to this test, tagged with this test session."""
+    return f"{prefix}-{_SESSION}{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -73,5 +77,8 @@ def _no_leftover_stores() -> Iterator[None]:
     before = set(os.listdir(shm.root_dir())) if os.path.isdir(shm.root_dir()) else set()
     yield
     after = set(os.listdir(shm.root_dir())) if os.path.isdir(shm.root_dir()) else set()
-    leaked = sorted(after - before)
-    assert not leaked, f"tests left stores behind: {leaked}"
+    # Only this session's stores: other programs on the machine may be using stores too.
+    ours = {
+        name for name in after - before if _SESSION in name or name.startswith(f"p{os.getpid()}-")
+    }
+    assert not ours, f"tests left stores behind: {sorted(ours)}"

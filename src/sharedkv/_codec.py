@@ -138,8 +138,6 @@ class JSONSerializer:
 class Codec:
     """Encodes values for storage with a :class:`Serializer`, integers always in plain decimal."""
 
-    __slots__ = ("_dumps", "_loads", "_tag", "serializer")
-
     def __init__(self, serializer: Serializer | None = None) -> None:
         serializer = serializer if serializer is not None else PickleSerializer()
         if not isinstance(serializer, Serializer):
@@ -153,6 +151,8 @@ class Codec:
         self._tag = tag[0]
         self._dumps = serializer.dumps
         self._loads = serializer.loads
+        if type(serializer) is PickleSerializer:
+            self.decode = self._decode_pickle  # type: ignore[method-assign]
 
     def encode(self, value: Any) -> bytes:
         if type(value) is int:
@@ -167,6 +167,15 @@ class Codec:
         if not data or data[0] != self._tag:
             raise SerializationError(f"{self.serializer!r} produced bytes without its tag")
         return data
+
+    def _decode_pickle(self, data: bytes, _loads: Callable[[bytes], Any] = pickle.loads) -> Any:
+        # The default serializer's fast path: one byte test, then straight into pickle.
+        if data[0] == _PICKLE_TAG:
+            try:
+                return _loads(data)
+            except Exception as exc:
+                raise SerializationError(f"stored bytes could not be decoded: {exc}") from exc
+        return Codec.decode(self, data)
 
     def decode(self, data: bytes) -> Any:
         first = data[0]

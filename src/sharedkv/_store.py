@@ -94,6 +94,7 @@ class Store:
         **options: Any,
     ) -> None:
         self._codec = Codec(serializer)
+        self._decode = self._codec.decode
         self._options = options
         self._backend: Backend
         self._backend, self.url = open_backend(url, options)
@@ -135,7 +136,8 @@ class Store:
         if callbacks is not None:
             callbacks.close()
         _open_stores.discard(self)
-        release_backend(self._backend)
+        backend, self._backend = self._backend, _CLOSED
+        release_backend(backend)
 
     def __enter__(self) -> Store:
         return self
@@ -144,8 +146,8 @@ class Store:
         self.close()
 
     def _live(self) -> Backend:
-        if self._closed:
-            raise ClosedError(f"{self!r} is closed")
+        # After close() this is a stand-in that raises ClosedError on any use, so the hot
+        # paths need no "is it closed?" test of their own.
         return self._backend
 
     def _key(self, key: str) -> str:
@@ -174,10 +176,11 @@ class Store:
     # -- reading ---------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when it is absent (or expired)."""
-        if self._closed:
-            self._live()
-        raw = self._backend.get(self._key(key))
-        return default if raw is None else self._codec.decode(raw)
+        # The fast key check of _key(), inlined: this is the hottest call of the library.
+        if not (type(key) is str and key.isascii() and 0 < len(key) <= self._max_key) or "\0" in key:
+            key = self._check_key_slow(key)
+        raw = self._backend.get(key)
+        return default if raw is None else self._decode(raw)
 
     def get_entry(self, key: str) -> Entry | None:
         """The value with its revision and expiry, or ``None`` when absent."""
@@ -422,6 +425,18 @@ class Store:
     def stats(self) -> dict[str, Any]:
         """Counters: keys, bytes used, revision, messages published and dropped, locks..."""
         return self._live().stats()
+
+
+class _ClosedBackend:
+    """Stands in for the backend of a closed store: every use raises ClosedError."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # introspection (copy, pickle, doctest) is not "use"
+            raise AttributeError(name)
+        raise ClosedError("the store is closed")
+
+
+_CLOSED: Any = _ClosedBackend()
 
 
 def _message_data(message: Message) -> Any:

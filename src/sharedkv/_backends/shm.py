@@ -15,7 +15,7 @@ Named databases inside the environment::
     data     key -> header + value          header = flags, revision, expiry[, owner]
     expiry   be64(expires_at) + key -> ""    for sweeping expired keys in order
     history  be64(revision) -> op, key, value   the last ``history`` changes, for watch(since=)
-    meta     counters: rev, msg (publish count), iver (interest version), dropped
+    meta     "ctr": revision, history bytes, interest version, messages published, dropped
     interest kind + pattern + NUL + owner -> count   who wants wake-ups for what
     chan     channel -> last seq, first retained seq, retained bytes
     msgs     channel + NUL + be64(seq) -> msg id + payload
@@ -71,9 +71,13 @@ _F_EPHEMERAL = 2
 _TOKEN_SIZE = _proc.TOKEN_SIZE
 _U64 = struct.Struct("<Q")
 _BE64 = struct.Struct(">Q")
+_U16 = struct.Struct("<H")
 _BEF = struct.Struct(">d")
 _CHAN = struct.Struct("<QQQ")  # last seq, first retained seq, retained bytes
 _QMETA = struct.Struct("<QQ")  # head (next to get), tail (next to put)
+# All store-wide counters live in one record, read once and written once per transaction.
+_CTR = struct.Struct("<QQQQQ")
+REV, HBYTES, IVER, MSGS, DROPPED = range(5)
 _LOCKVAL = struct.Struct("<dQ")  # since, thread id (then the thread's name)
 
 _OP_SET, _OP_DELETE, _OP_EXPIRE = b"s", b"d", b"e"
@@ -89,6 +93,16 @@ _ATTACH_TIMEOUT = 10.0
 # Environments inherited through fork() must never be used or closed in the child (closing
 # would clear the parent's reader slots); children keep them here and open their own.
 _orphans: list[Any] = []
+_forks = 0  # bumped in every forked child, so backends notice with one global read
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_count_fork)
 _live: weakref.WeakSet[ShmBackend] = weakref.WeakSet()
 
 
@@ -126,11 +140,12 @@ class _Write:
     mutex then serializes processes.
     """
 
-    __slots__ = ("backend", "expiry_added", "hints", "rev", "txn")
+    __slots__ = ("backend", "ctr", "ctr_dirty", "expiry_added", "hints", "txn")
 
     def __init__(self, backend: ShmBackend) -> None:
         self.backend = backend
-        self.rev = 0
+        self.ctr: list[int] | None = None
+        self.ctr_dirty = False
         self.hints: dict[tuple[str, bytes], int] = {}
         self.expiry_added = False
 
@@ -150,6 +165,9 @@ class _Write:
         try:
             if exc_type is None:
                 b._maybe_sweep(self)
+                if self.ctr_dirty:
+                    assert self.ctr is not None
+                    self.txn.put(b"ctr", _CTR.pack(*self.ctr), db=b._meta)
                 self.txn.commit()
             else:
                 self.txn.abort()
@@ -167,29 +185,51 @@ class _Write:
         elif issubclass(exc_type, lmdb.Error):
             raise _translate(b, exc) from exc
 
+    def counters(self) -> list[int]:
+        if self.ctr is None:
+            self.ctr = _read_counters(self.txn, self.backend._meta)
+        return self.ctr
+
+    def bump(self, index: int, delta: int = 1) -> int:
+        ctr = self.counters()
+        ctr[index] += delta
+        self.ctr_dirty = True
+        return ctr[index]
+
     def next_rev(self) -> int:
-        if not self.rev:
-            raw = self.txn.get(b"rev", db=self.backend._meta)
-            self.rev = (_U64.unpack(raw)[0] if raw else 0) + 1
-            self.txn.put(b"rev", _U64.pack(self.rev), db=self.backend._meta)
-        else:
-            self.rev += 1
-            self.txn.put(b"rev", _U64.pack(self.rev), db=self.backend._meta)
-        return self.rev
+        ctr = self.ctr if self.ctr is not None else self.counters()
+        ctr[REV] += 1
+        self.ctr_dirty = True
+        return ctr[REV]
 
     def changed(self, op: bytes, kb: bytes, value: bytes | None, rev: int) -> None:
-        """Record a change in the history and wake the watchers of that key."""
-        b = self.backend
-        if b._history > 0:
-            record = op + struct.pack("<H", len(kb)) + kb + (value or b"")
-            self.txn.put(_BE64.pack(rev), record, db=b._hist, append=True)
-            b._history_grew(self.txn, rev, len(record))
-        for token in b._interested(self.txn, K_KEY, kb.decode()):
-            self.hints[(token, K_KEY + kb)] = 1
+        """Record a change in the history and wake the watchers of that key.
 
-    def wake(self, kind: bytes, name: bytes, counted: bool = False) -> None:
-        for token, count in self.backend._interested(self.txn, kind, name.decode()).items():
-            self.hints[(token, kind + name)] = count if counted else 1
+        This runs on every write, so it is written for speed: no watchers and a short history
+        cost two comparisons beyond the history record itself."""
+        b = self.backend
+        ctr = self.ctr if self.ctr is not None else self.counters()
+        if b._history > 0:
+            record = op + _U16.pack(len(kb)) + kb + (value or b"")
+            self.txn.put(_BE64.pack(rev), record, db=b._hist, append=True)
+            ctr[HBYTES] += len(record)
+            if rev % 64 == 0 or ctr[HBYTES] > b._history_bytes:
+                b._trim_history(self, rev)
+        if b._reg or ctr[IVER] != b._reg_version:
+            for token in self.interested(K_KEY, kb.decode()):
+                self.hints[(token, K_KEY + kb)] = 1
+
+    def interested(self, kind: bytes, name: str) -> dict[str, int]:
+        return self.backend._interested(self.txn, self.counters()[IVER], kind, name)
+
+    def wake(self, kind: bytes, name: bytes) -> None:
+        for token in self.interested(kind, name.decode()):
+            self.hints[(token, kind + name)] = 1
+
+
+def _read_counters(txn: Any, meta: Any) -> list[int]:
+    raw = txn.get(b"ctr", db=meta)
+    return list(_CTR.unpack(raw)) if raw else [0] * 5
 
 
 def _translate(b: ShmBackend, err: BaseException) -> BackendError:
@@ -252,6 +292,7 @@ class ShmBackend(Backend):
     # -- opening, forking, closing -------------------------------------------------------
     def _open(self) -> None:
         self._pid = os.getpid()
+        self._forks = _forks
         self._me = _proc.current()
         self._token = self._me.token.hex()
         self._attach_fd = self._attach()
@@ -401,7 +442,7 @@ class ShmBackend(Backend):
             from .._errors import ClosedError
 
             raise ClosedError("the store is closed")
-        if self._pid != os.getpid():
+        if self._forks != _forks and self._pid != os.getpid():
             self._after_fork()
 
     def close(self) -> None:
@@ -497,10 +538,11 @@ class ShmBackend(Backend):
 
     # -- key-value ------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
-        if self._pid != os.getpid() or self._closed:
+        # The hot path: a fork check that costs a global read, one read transaction that
+        # py-lmdb ends when it is dropped, and a flags byte that is 0 for ordinary keys.
+        if self._forks != _forks:
             self._check()
-        with self._env.begin(db=self._data) as txn:
-            raw: bytes | None = txn.get(key.encode())
+        raw: bytes | None = self._env.begin(db=self._data).get(key.encode())
         if raw is None:
             return None
         if raw[0] == 0:  # the common case: no expiry, not ephemeral
@@ -536,9 +578,11 @@ class ShmBackend(Backend):
             return None
         return raw
 
-    def _remove(self, txn: Any, kb: bytes, raw: bytes) -> None:
+    def _remove(self, txn: Any, kb: bytes, raw: bytes, keep_record: bool = False) -> None:
+        """Delete a record and its index entries (only the index entries with ``keep_record``)."""
         flags, _, exp = _HEADER.unpack_from(raw)
-        txn.delete(kb, db=self._data)
+        if not keep_record:
+            txn.delete(kb, db=self._data)
         if flags & _F_EXPIRES:
             txn.delete(_be_expiry(exp) + kb, db=self._exp)
         if flags & _F_EPHEMERAL:
@@ -555,11 +599,11 @@ class ShmBackend(Backend):
         keep_expiry: bool = False,
     ) -> int:
         txn = w.txn
-        if old is not None:
+        if old is not None and old[0]:
             flags, _, old_exp = _HEADER.unpack_from(old)
             if keep_expiry and flags & _F_EXPIRES:
                 ttl = old_exp - time.time()
-            self._remove(txn, kb, old)
+            self._remove(txn, kb, old, keep_record=True)  # the put below replaces the record
         rev = w.next_rev()
         flags = 0
         exp = 0.0
@@ -701,9 +745,8 @@ class ShmBackend(Backend):
 
     def revision(self) -> int:
         self._check()
-        with self._env.begin(db=self._meta) as txn:
-            raw = txn.get(b"rev")
-        return _U64.unpack(raw)[0] if raw else 0
+        with self._env.begin() as txn:
+            return _read_counters(txn, self._meta)[REV]
 
     # -- expiry and history -----------------------------------------------------------------
     def _maybe_sweep(self, w: _Write, force: bool = False) -> None:
@@ -725,19 +768,19 @@ class ShmBackend(Backend):
                 w.changed(_OP_EXPIRE, kb, None, w.next_rev())
             removed += 1
 
-    def _history_grew(self, txn: Any, rev: int, size: int) -> None:
-        """Keep the history within ``history`` changes and ``history_bytes`` bytes."""
-        raw = txn.get(b"hbytes", db=self._meta)
-        total = (_U64.unpack(raw)[0] if raw else 0) + size
-        if rev % 64 == 0 or total > self._history_bytes:
-            cutoff = _BE64.pack(max(0, rev - self._history))
-            cur = txn.cursor(db=self._hist)
-            while cur.first() and (cur.key() <= cutoff or total > self._history_bytes):
-                if cur.key() == _BE64.pack(rev):
-                    break  # always keep the change just made
-                total -= len(cur.value())
-                cur.delete()
-        txn.put(b"hbytes", _U64.pack(total), db=self._meta)
+    def _trim_history(self, w: _Write, rev: int) -> None:
+        """Keep the history within ``history`` changes and ``history_bytes`` bytes.
+
+        Called every 64 revisions, or at once when over the byte budget (amortized)."""
+        ctr = w.counters()
+        cutoff = _BE64.pack(max(0, rev - self._history))
+        newest = _BE64.pack(rev)
+        cur = w.txn.cursor(db=self._hist)
+        while cur.first() and (cur.key() <= cutoff or ctr[HBYTES] > self._history_bytes):
+            if cur.key() == newest:
+                break  # always keep the change just made
+            ctr[HBYTES] -= len(cur.value())
+            cur.delete()
 
     def _next_expiry(self) -> float | None:
         with self._env.begin(db=self._exp) as txn:
@@ -752,10 +795,10 @@ class ShmBackend(Backend):
             txn.put(self._me.token, _U64.pack(int(time.time())), db=self._procs)
             self._registered = True
 
-    def _interested(self, txn: Any, kind: bytes, name: str) -> dict[str, int]:
-        """Tokens (hex) of processes with interest of ``kind`` matching ``name``, with counts."""
-        raw = txn.get(b"iver", db=self._meta)
-        version = _U64.unpack(raw)[0] if raw else 0
+    def _interested(self, txn: Any, version: int, kind: bytes, name: str) -> dict[str, int]:
+        """Tokens (hex) of processes with interest of ``kind`` matching ``name``, with counts.
+
+        The registry is cached per process and reloaded when its version counter moves."""
         if version != self._reg_version:
             self._load_registry(txn, version)
         if not self._reg:
@@ -782,20 +825,16 @@ class ShmBackend(Backend):
         self._reg_version = version
         self._match_cache = {}
 
-    def _bump_interest(self, txn: Any) -> None:
-        raw = txn.get(b"iver", db=self._meta)
-        txn.put(b"iver", _U64.pack((_U64.unpack(raw)[0] if raw else 0) + 1), db=self._meta)
-
-    def _add_interest(self, txn: Any, kind: bytes, pattern: str, delta: int) -> None:
+    def _add_interest(self, w: _Write, kind: bytes, pattern: str, delta: int) -> None:
         ik = kind + pattern.encode() + b"\0" + self._me.token
-        raw = txn.get(ik, db=self._interest)
+        raw = w.txn.get(ik, db=self._interest)
         count = (_U64.unpack(raw)[0] if raw else 0) + delta
         if count > 0:
-            txn.put(ik, _U64.pack(count), db=self._interest)
+            w.txn.put(ik, _U64.pack(count), db=self._interest)
         else:
-            txn.delete(ik, db=self._interest)
-        self._register_process(txn)
-        self._bump_interest(txn)
+            w.txn.delete(ik, db=self._interest)
+        self._register_process(w.txn)
+        w.bump(IVER)
 
     def _reap(self, token: bytes) -> None:
         """Remove everything a (dead or closing) process left: interest, locks, ephemeral keys."""
@@ -806,7 +845,7 @@ class ShmBackend(Backend):
                 txn.delete(ik, db=self._interest)
                 changed = True
             if changed:
-                self._bump_interest(txn)
+                w.bump(IVER)
             for lk in [k for k, _ in txn.cursor(db=self._locks) if token in k]:
                 name = lk[: lk.index(b"\0")]
                 if lk[len(name) + 1 : len(name) + 1 + _TOKEN_SIZE] == token:
@@ -903,16 +942,15 @@ class ShmBackend(Backend):
         cb = channel.encode()
         # Most publishes with nobody listening stop here, after one read transaction.
         with self._env.begin() as txn:
-            if not self._interested(txn, K_MESSAGE, channel):
+            version = _read_counters(txn, self._meta)[IVER]
+            if not self._interested(txn, version, K_MESSAGE, channel):
                 return 0
         with self._write() as w:
             txn = w.txn
-            targets = self._interested(txn, K_MESSAGE, channel)
+            targets = w.interested(K_MESSAGE, channel)
             if not targets:
                 return 0
-            raw = txn.get(b"msg", db=self._meta)
-            msgid = (_U64.unpack(raw)[0] if raw else 0) + 1
-            txn.put(b"msg", _U64.pack(msgid), db=self._meta)
+            msgid = w.bump(MSGS)
             meta = txn.get(cb, db=self._chan)
             last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
             seq = last + 1
@@ -1053,9 +1091,7 @@ class ShmBackend(Backend):
         self._check()
         info = self._env.info()
         with self._env.begin() as txn:
-            raw_rev = txn.get(b"rev", db=self._meta)
-            raw_msg = txn.get(b"msg", db=self._meta)
-            raw_drop = txn.get(b"dropped", db=self._meta)
+            ctr = _read_counters(txn, self._meta)
             locks = txn.stat(self._locks)["entries"]
             procs = [bytes(k) for k, _ in txn.cursor(db=self._procs)]
         used = 0
@@ -1068,9 +1104,9 @@ class ShmBackend(Backend):
             "keys": self.count(),
             "bytes_used": used,
             "map_size": info["map_size"],
-            "revision": _U64.unpack(raw_rev)[0] if raw_rev else 0,
-            "messages_published": _U64.unpack(raw_msg)[0] if raw_msg else 0,
-            "messages_dropped": _U64.unpack(raw_drop)[0] if raw_drop else 0,
+            "revision": ctr[REV],
+            "messages_published": ctr[MSGS],
+            "messages_dropped": ctr[DROPPED],
             "locks_held": locks,
             "processes": [p.pid for p in map(_proc.ProcessId.from_token, procs) if p.alive()],
             "readers": _reader_pids(self._env),
@@ -1078,9 +1114,7 @@ class ShmBackend(Backend):
 
     def add_dropped(self, count: int) -> None:
         with self._write() as w:
-            raw = w.txn.get(b"dropped", db=self._meta)
-            total = (_U64.unpack(raw)[0] if raw else 0) + count
-            w.txn.put(b"dropped", _U64.pack(total), db=self._meta)
+            w.bump(DROPPED, count)
 
 
 def _reader_pids(env: Any) -> list[int]:
@@ -1118,9 +1152,9 @@ class _ShmFeed(Feed):
         self._dirty: dict[str, None] = {}
         self._all_dirty = False
 
-    def _register(self, txn: Any) -> None:
+    def _register(self, w: _Write) -> None:
         for pattern in self.patterns:
-            self.backend._add_interest(txn, self.kind, pattern, +1)
+            self.backend._add_interest(w, self.kind, pattern, +1)
 
     def _start(self) -> None:
         b = self.backend
@@ -1157,7 +1191,7 @@ class _ShmFeed(Feed):
             return
         with contextlib.suppress(Exception), b._write() as w:
             for pattern in self.patterns:
-                b._add_interest(w.txn, self.kind, pattern, -1)
+                b._add_interest(w, self.kind, pattern, -1)
 
 
 class _MessageFeed(_ShmFeed):
@@ -1169,7 +1203,7 @@ class _MessageFeed(_ShmFeed):
         # them trimmed before we read them are reported as a gap.
         self._cursors: dict[str, int] = {}
         with backend._write() as w:
-            self._register(w.txn)
+            self._register(w)
             for ck, meta in w.txn.cursor(db=backend._chan):
                 channel = ck.decode()
                 if _notify.glob_matches(patterns, channel) is not None:
@@ -1231,9 +1265,8 @@ class _WatchFeed(_ShmFeed):
     def __init__(self, backend: ShmBackend, pattern: str, since: int | None) -> None:
         super().__init__(backend, (pattern,))
         with backend._write() as w:
-            self._register(w.txn)
-            raw = w.txn.get(b"rev", db=backend._meta)
-            current = _U64.unpack(raw)[0] if raw else 0
+            self._register(w)
+            current = w.counters()[REV]
             if since is not None and since < current:
                 cur = w.txn.cursor(db=backend._hist)
                 oldest = _BE64.unpack(cur.key())[0] if cur.first() else current + 1
@@ -1283,7 +1316,7 @@ class _WakeFeed(_ShmFeed):
         self.kind = kind
         super().__init__(backend, (name,))
         with backend._write() as w:
-            self._register(w.txn)
+            self._register(w)
         self._start()
 
     def fetch(self) -> list[Any]:
