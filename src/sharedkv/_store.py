@@ -177,7 +177,8 @@ class Store:
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` when it is absent (or expired)."""
         # The fast key check of _key(), inlined: this is the hottest call of the library.
-        if not (type(key) is str and key.isascii() and 0 < len(key) <= self._max_key) or "\0" in key:
+        plain = type(key) is str and key.isascii() and 0 < len(key) <= self._max_key
+        if not plain or "\0" in key:
             key = self._check_key_slow(key)
         raw = self._backend.get(key)
         return default if raw is None else self._decode(raw)
