@@ -563,3 +563,23 @@ def test_async_store(store: sharedkv.Store) -> None:
         sub.close()
 
     asyncio.run(main())
+
+
+def test_messaging_bad_input(store: sharedkv.Store) -> None:
+    with store.subscribe("c") as sub:
+        with pytest.raises(sharedkv.SerializationError):
+            store.publish("c", lambda: None)
+        with pytest.raises(TypeError):
+            store.publish(3, "x")  # type: ignore[arg-type]
+        assert sub.get_nowait() is None  # nothing half-published
+    with pytest.raises(ValueError, match="pattern"):
+        store.subscribe("bad[")
+    with pytest.raises(TypeError):
+        store.subscribe()
+    with pytest.raises(ValueError, match="pattern"):
+        store.watch("x]")
+
+
+def test_on_message_needs_a_callable(store: sharedkv.Store) -> None:
+    with pytest.raises(TypeError, match="callable"):
+        store.on_message("c")(42)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -493,17 +493,78 @@ class AsyncStore:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(func, *args, **kwargs))
 
-    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
-        attr = getattr(self.store, name)
-        if name not in _ASYNC_METHODS:
-            raise AttributeError(name)
+    # Key-value operations: the same signatures as Store, awaited.
+    async def get(self, key: str, default: Any = None) -> Any:
+        return await self._run(self.store.get, key, default)
 
-        async def method(*args: Any, **kwargs: Any) -> Any:
-            return await self._run(attr, *args, **kwargs)
+    async def get_entry(self, key: str) -> Entry | None:
+        return await self._run(self.store.get_entry, key)
 
-        method.__name__ = name
-        method.__doc__ = attr.__doc__
-        return method
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        return await self._run(self.store.get_many, list(keys))
+
+    async def get_all(self) -> dict[str, Any]:
+        return await self._run(self.store.get_all)
+
+    async def keys(self, pattern: str = "*") -> list[str]:
+        return await self._run(self.store.keys, pattern)
+
+    async def items(self, pattern: str = "*") -> list[tuple[str, Any]]:
+        return await self._run(self.store.items, pattern)
+
+    async def ttl(self, key: str) -> float | None:
+        return await self._run(self.store.ttl, key)
+
+    async def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        ttl: float | None = None,
+        if_revision: int | None = None,
+        ephemeral: bool = False,
+    ) -> bool:
+        return await self._run(
+            self.store.set, key, value, ttl=ttl, if_revision=if_revision, ephemeral=ephemeral
+        )
+
+    async def add(self, key: str, value: Any, *, ttl: float | None = None) -> bool:
+        return await self._run(self.store.add, key, value, ttl=ttl)
+
+    async def set_many(self, mapping: Mapping[str, Any], *, ttl: float | None = None) -> None:
+        await self._run(self.store.set_many, mapping, ttl=ttl)
+
+    async def delete(
+        self, key: str, ignore_key_error: bool = True, *, if_revision: int | None = None
+    ) -> bool:
+        return await self._run(self.store.delete, key, ignore_key_error, if_revision=if_revision)
+
+    async def pop(self, key: str, default: Any = _MISSING) -> Any:
+        return await self._run(self.store.pop, key, default)
+
+    async def incr(self, key: str, amount: int = 1) -> int:
+        return await self._run(self.store.incr, key, amount)
+
+    async def decr(self, key: str, amount: int = 1) -> int:
+        return await self._run(self.store.decr, key, amount)
+
+    async def update(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
+        return await self._run(self.store.update, key, fn, default)
+
+    async def clear(self) -> None:
+        await self._run(self.store.clear)
+
+    async def expire(self, key: str, ttl: float) -> bool:
+        return await self._run(self.store.expire, key, ttl)
+
+    async def persist(self, key: str) -> bool:
+        return await self._run(self.store.persist, key)
+
+    async def publish(self, channel: str, data: Any) -> int:
+        return await self._run(self.store.publish, channel, data)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self._run(self.store.stats)
 
     @property
     def url(self) -> str:
@@ -541,12 +602,3 @@ class AsyncStore:
 
     def __repr__(self) -> str:
         return f"<AsyncStore {self.store.url!r}>"
-
-
-_ASYNC_METHODS = frozenset(
-    {
-        "get", "get_entry", "get_many", "get_all", "keys", "items", "values", "ttl", "set", "add",
-        "set_many", "delete", "pop", "incr", "decr", "update", "clear", "expire", "persist",
-        "publish", "stats",
-    }
-)  # fmt: skip
