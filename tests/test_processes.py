@@ -260,3 +260,51 @@ def test_watch_across_processes(named: sharedkv.Store) -> None:
         ("expire", "cfg:t", None),
     ]
     child.join(30)
+
+
+def _child_uses_singleton(out: Any) -> None:
+    out.put(sharedkv.shared_memory.get("origin"))
+
+
+def test_shared_memory_singleton(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    monkeypatch.setattr(sharedkv, "_default", None)
+    store = sharedkv.shared_memory
+    try:
+        assert store is sharedkv.shared_memory
+        store.set("origin", "main")
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        child = ctx.Process(target=_child_uses_singleton, args=(out,))
+        child.start()
+        assert out.get(timeout=30) == "main"
+        child.join(30)
+    finally:
+        store.close()
+
+
+def test_store_outside_dev_shm(tmp_path: Any) -> None:
+    """Where there is no /dev/shm the stores live in another directory (SHAREDKV_DIR here)."""
+    code = textwrap.dedent(
+        """
+        import multiprocessing as mp, sharedkv
+        def child(store):
+            store.incr("n")
+        if __name__ == "__main__":
+            store = sharedkv.Store()
+            ps = [mp.get_context("spawn").Process(target=child, args=(store,)) for _ in range(2)]
+            [p.start() for p in ps]; [p.join() for p in ps]
+            print(store.get("n"), store.path)
+        """
+    )
+    script = tmp_path / "prog.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    env["SHAREDKV_DIR"] = str(tmp_path / "stores")
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    count, path = out.stdout.split()
+    assert count == "2", out.stderr
+    assert path.startswith(str(tmp_path / "stores"))
+    assert not os.path.exists(path)  # removed at exit

@@ -107,7 +107,11 @@ _live: weakref.WeakSet[ShmBackend] = weakref.WeakSet()
 
 
 def root_dir() -> str:
-    """Where this user's stores live: /dev/shm when it exists, else the temp dir."""
+    """Where this user's stores live: ``$SHAREDKV_DIR`` if set, else /dev/shm when it exists,
+    else the temp dir (on systems without a tmpfs, such as macOS)."""
+    override = os.environ.get("SHAREDKV_DIR")
+    if override:
+        return os.path.join(os.path.abspath(override), f"sharedkv-{os.getuid()}")
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
     if base is None:
         import tempfile
@@ -118,6 +122,7 @@ def root_dir() -> str:
 
 def _private_root() -> str:
     root = root_dir()
+    os.makedirs(os.path.dirname(root), exist_ok=True)
     with contextlib.suppress(FileExistsError):
         os.mkdir(root, 0o700)
     st = os.lstat(root)
