@@ -13,6 +13,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import os
 import queue
 import threading
 import time
@@ -288,8 +289,11 @@ class CallbackRunner:
         self._unbound: list[_Handler] = []  # async callbacks waiting for start_receive_loop()
         self._serving: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._stopped = False
+        self._pid = os.getpid()
 
     def add(self, subscription: Subscription, func: Callback, transform: Callback) -> None:
+        if self._pid != os.getpid():
+            self._forget_parent()
         handler = _Handler(subscription, func, transform)
         with self._lock:
             self._handlers.append(handler)
@@ -305,6 +309,17 @@ class CallbackRunner:
         self._ensure_thread()
         subscription._feed.add_wakeup(partial(self._waiting.put, handler))
         self._waiting.put(handler)
+
+    def _forget_parent(self) -> None:
+        # A forked child inherits this object but not its thread, and the parent's
+        # subscriptions do not follow it (they are closed in the child): start afresh.
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._thread = None
+        self._waiting = queue.SimpleQueue()
+        self._handlers = [h for h in self._handlers if not h.subscription.closed]
+        self._unbound = [h for h in self._unbound if not h.subscription.closed]
+        self._serving = []
 
     def _ensure_thread(self) -> None:
         with self._lock:

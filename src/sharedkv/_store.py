@@ -156,22 +156,27 @@ class Store:
             return key
         return self._check_key_slow(key)
 
-    def _check_key_slow(self, key: Any) -> str:
+    def _check_key_slow(self, key: Any, what: str = "key", limit: int = 0) -> str:
+        limit = limit or self._max_key
         if not isinstance(key, str):
-            raise TypeError(f"keys must be str, not {type(key).__qualname__}")
+            raise TypeError(f"{what}s must be str, not {type(key).__qualname__}")
         if not key:
-            raise InvalidKeyError("keys must not be empty")
+            raise InvalidKeyError(f"{what}s must not be empty")
         if "\0" in key:
-            raise InvalidKeyError("keys must not contain NUL characters")
+            raise InvalidKeyError(f"{what}s must not contain NUL characters")
         try:
             size = len(key.encode())
         except UnicodeEncodeError as exc:
-            raise InvalidKeyError(f"key {key[:40]!r} is not valid Unicode text: {exc}") from None
-        if size > self._max_key:
+            raise InvalidKeyError(f"{what} {key[:40]!r} is not valid Unicode text: {exc}") from None
+        if size > limit:
             raise InvalidKeyError(
-                f"key is {size} bytes in UTF-8; this store allows at most {self._max_key}"
+                f"{what} is {size} bytes in UTF-8; this store allows at most {limit}"
             )
         return key
+
+    def _name(self, name: str, what: str) -> str:
+        """Check a channel, pattern, queue or lock name (a little shorter than a key)."""
+        return self._check_key_slow(name, what, self._backend.max_name_bytes)
 
     # -- reading ---------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -349,13 +354,13 @@ class Store:
     def publish(self, channel: str, data: Any) -> int:
         """Send ``data`` to every subscriber of ``channel``, in any process; returns how many
         subscriptions it reached (0, cheaply, when there are none)."""
-        return self._live().publish(self._key(channel), self._codec.encode(data))
+        return self._live().publish(self._name(channel, "channel"), self._codec.encode(data))
 
     def subscribe(self, *patterns: str) -> Subscription:
         """A subscription to channels matching any of ``patterns`` (globs)."""
         if not patterns:
             raise TypeError("subscribe() needs at least one channel or pattern")
-        checked = tuple(_check_pattern(self._key(p)) for p in patterns)
+        checked = tuple(_check_pattern(self._name(p, "pattern")) for p in patterns)
         backend = self._live()
         feed = backend.subscribe(checked)
         on_gap = getattr(backend, "add_dropped", lambda count: None)
@@ -367,7 +372,7 @@ class Store:
         ``since``: first replay the retained changes after that revision (or raise
         :class:`~sharedkv.RevisionTooOldError`), so a watcher that reconnects misses nothing.
         """
-        pattern = _check_pattern(self._key(pattern))
+        pattern = _check_pattern(self._name(pattern, "pattern"))
         return Watch(self._live().watch(pattern, _check_revision(since)), self._codec, pattern)
 
     def on_message(self, *patterns: str) -> Callable[[F], F]:
@@ -411,17 +416,17 @@ class Store:
     # -- queues and locks --------------------------------------------------------------------
     def queue(self, name: str, maxsize: int = 0) -> Queue:
         """The named cross-process FIFO queue (``maxsize`` 0: unbounded)."""
-        return Queue(self._live(), self._codec, self._key(name), maxsize)
+        return Queue(self._live(), self._codec, self._name(name, "queue name"), maxsize)
 
     def lock(self, name: str, timeout: float | None = None) -> Lock:
         """A lock across threads and processes, released if its holder's process dies."""
-        return Lock(self._live(), self._key(name), timeout)
+        return Lock(self._live(), self._name(name, "lock name"), timeout)
 
     def rlock(self, name: str, timeout: float | None = None) -> RLock:
-        return RLock(self._live(), self._key(name), timeout)
+        return RLock(self._live(), self._name(name, "lock name"), timeout)
 
     def semaphore(self, name: str, value: int = 1, timeout: float | None = None) -> Semaphore:
-        return Semaphore(self._live(), self._key(name), value, timeout)
+        return Semaphore(self._live(), self._name(name, "lock name"), value, timeout)
 
     def stats(self) -> dict[str, Any]:
         """Counters: keys, bytes used, revision, messages published and dropped, locks..."""

@@ -42,15 +42,26 @@ def retry_until(
     holder that dies without releasing is noticed by the next attempt).
     """
     deadline = time.monotonic() + timeout
-    while True:
-        generation = feed.generation
-        result = attempt()
-        if result is not None:
-            return result
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or feed.closed:
-            return None
-        feed.wait(generation, remaining if recheck is None else min(remaining, recheck))
+    armed = False
+    try:
+        while True:
+            generation = feed.generation
+            result = attempt()
+            if result is not None:
+                return result
+            if not armed:
+                # Register as a waiter, then try once more: a change made before the
+                # registration was visible to that attempt, any later one wakes us.
+                feed.arm()
+                armed = True
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or feed.closed:
+                return None
+            feed.wait(generation, remaining if recheck is None else min(remaining, recheck))
+    finally:
+        if armed:
+            feed.disarm()
 
 
 async def wait_async(feed: Feed, generation: int, timeout: float) -> bool:
@@ -79,14 +90,22 @@ async def retry_until_async(
     attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None = None
 ) -> T | None:
     deadline = time.monotonic() + timeout
-    while True:
-        generation = feed.generation
-        result = attempt()
-        if result is not None:
-            return result
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or feed.closed:
-            return None
-        await wait_async(
-            feed, generation, remaining if recheck is None else min(remaining, recheck)
-        )
+    armed = False
+    try:
+        while True:
+            generation = feed.generation
+            result = attempt()
+            if result is not None:
+                return result
+            if not armed:
+                feed.arm()  # see retry_until
+                armed = True
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or feed.closed:
+                return None
+            wait = remaining if recheck is None else min(remaining, recheck)
+            await wait_async(feed, generation, wait)
+    finally:
+        if armed:
+            feed.disarm()

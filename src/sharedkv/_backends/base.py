@@ -158,6 +158,14 @@ class Feed(ABC):
 
         return remove
 
+    def arm(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Ask to be woken from now on. Wake-up-only feeds (queue and lock waits) register with
+        other processes only while someone actually waits, so that writers pay nothing for
+        waiters that are not waiting; subscriptions and watches are always armed."""
+
+    def disarm(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """The waiter stopped waiting (see :meth:`arm`)."""
+
     @abstractmethod
     def fetch(self) -> list[Any]:
         """Everything available now, in order, without blocking (raw events for the Store)."""
@@ -183,6 +191,8 @@ class Backend(ABC):
     url: str
     #: longest key in UTF-8 bytes
     max_key_bytes: int = 511
+    #: longest channel, pattern, queue or lock name in UTF-8 bytes
+    max_name_bytes: int = 490
 
     # -- key-value primitives ---------------------------------------------------------
     @abstractmethod

@@ -428,19 +428,27 @@ class ShmBackend(Backend):
             self._procs = env.open_db(b"procs", txn=txn)
             self._eph = env.open_db(b"eph", txn=txn)
         self.max_key_bytes = min(511, env.max_key_size())
+        # Names become LMDB keys with a suffix: NUL + owner (12) + acquisition id (8) for locks.
+        self.max_name_bytes = self.max_key_bytes - 21
 
     def _after_fork(self) -> None:
         """In a forked child: abandon the parent's handles, then attach anew."""
         _orphans.append(self._env)
         self._notifier.abandon()
-        for feed in list(self._feeds):
-            feed.closed = True
+        inherited = list(self._feeds)
         with contextlib.suppress(OSError):
             os.close(self._attach_fd)  # our copy only; the parent keeps its own
         self._create = False
         self._lock = threading.Lock()
         self._wlock = threading.Lock()  # another thread may have held it at fork time
         self._open()
+        # Subscriptions and watches belong to the process that made them; queue and lock
+        # handles are objects the child may go on using.
+        for feed in inherited:
+            if isinstance(feed, _WakeFeed):
+                feed.reattach()
+            else:
+                feed.closed = True
 
     def _check(self) -> None:
         if self._closed:
@@ -996,6 +1004,11 @@ class ShmBackend(Backend):
 
     def queue_get(self, name: str) -> bytes | None:
         nb = name.encode()
+        if self._forks == _forks:
+            # An empty queue is seen with a read transaction: no writer lock taken for nothing.
+            meta = self._env.begin(db=self._qmeta).get(nb)
+            if meta is None:
+                return None
         with self._write() as w:
             raw = w.txn.get(nb, db=self._qmeta)
             if raw is None:
@@ -1315,14 +1328,54 @@ class _WatchFeed(_ShmFeed):
 
 
 class _WakeFeed(_ShmFeed):
-    """Only wake-ups (for blocking queue and lock waits); the waiter re-reads state itself."""
+    """Only wake-ups (for blocking queue and lock waits); the waiter re-reads state itself.
+
+    It is registered with other processes only while armed, that is while a thread actually
+    waits: a producer then sends wake-ups only to consumers that are asleep."""
 
     def __init__(self, backend: ShmBackend, kind: bytes, name: str) -> None:
         self.kind = kind
         super().__init__(backend, (name,))
-        with backend._write() as w:
-            self._register(w)
+        self._armed = 0
+        self._arm_lock = threading.Lock()
         self._start()
+
+    def arm(self) -> None:
+        with self._arm_lock:
+            self._armed += 1
+            if self._armed == 1:
+                with self.backend._write() as w:
+                    self._register(w)
+
+    def disarm(self) -> None:
+        with self._arm_lock:
+            self._armed -= 1
+            if self._armed == 0 and not self.backend._closed:
+                with contextlib.suppress(Exception), self.backend._write() as w:
+                    for pattern in self.patterns:
+                        self.backend._add_interest(w, self.kind, pattern, -1)
+
+    def reattach(self) -> None:
+        """In a forked child: the same handle keeps working, registered as this process."""
+        self._cond = threading.Condition(threading.Lock())
+        self._wakeups = []
+        self._arm_lock = threading.Lock()
+        self._armed = 0
+        self._start()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        b = self.backend
+        b._notifier.remove(self)
+        b._feeds.discard(self)
+        Feed.close(self)
+        with self._arm_lock:
+            armed, self._armed = self._armed, 0
+        if armed and not b._closed and b._pid == os.getpid():
+            with contextlib.suppress(Exception), b._write() as w:
+                for pattern in self.patterns:
+                    b._add_interest(w, self.kind, pattern, -1)
 
     def fetch(self) -> list[Any]:
         self._take_dirty()
