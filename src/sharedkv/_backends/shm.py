@@ -309,7 +309,7 @@ class ShmBackend(Backend):
         self._reg_version = -1
         self._reg: list[tuple[bytes, str, str, int]] = []  # kind, pattern, token, count
         self._match_cache: dict[tuple[bytes, str], dict[str, int]] = {}
-        self._alive_cache: dict[bytes, tuple[bool, float]] = {}
+        self._dead: set[bytes] = set()
         self._registered = False
         self._sweep_at = 0.0
         self._feeds: set[_ShmFeed] = set()
@@ -539,15 +539,18 @@ class ShmBackend(Backend):
         return Record(raw[offset:], rev, exp if flags & _F_EXPIRES else None)
 
     def _owner_alive(self, token: bytes) -> bool:
+        # Asked of the OS on every read of an ephemeral key (a few microseconds), so the key
+        # vanishes for every reader the moment its owner is gone; only deaths are remembered.
         if token == self._me.token:
             return True
-        now = time.monotonic()
-        cached = self._alive_cache.get(token)
-        if cached is not None and (not cached[0] or now - cached[1] < 0.2):
-            return cached[0]
-        alive = _proc.ProcessId.from_token(token).alive()
-        self._alive_cache[token] = (alive, now)
-        return alive
+        if token in self._dead:
+            return False
+        if _proc.ProcessId.from_token(token).alive():
+            return True
+        if len(self._dead) > 4096:
+            self._dead.clear()
+        self._dead.add(token)
+        return False
 
     # -- key-value ------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
@@ -883,8 +886,15 @@ class ShmBackend(Backend):
     def reap_dead(self) -> int:
         """Release what dead processes left behind; returns how many processes were reaped."""
         self._check()
-        with self._env.begin(db=self._procs) as txn:
-            tokens = [bytes(k) for k, _ in txn.cursor()]
+        with self._env.begin() as txn:
+            tokens = {bytes(k) for k, _ in txn.cursor(db=self._procs)}
+            # An overflow flag can be written just after its process was reaped: sweep those too.
+            cur = txn.cursor(db=self._meta)
+            if cur.set_range(b"ovf"):
+                for key, _ in cur:
+                    if not key.startswith(b"ovf"):
+                        break
+                    tokens.add(bytes(key[3:]))
         dead = [t for t in tokens if not _proc.ProcessId.from_token(t).alive()]
         for token in dead:
             self._reap(token)
@@ -1235,6 +1245,10 @@ class _MessageFeed(_ShmFeed):
         b = self.backend
         events: list[tuple[int, Any]] = []
         with b._env.begin() as txn:
+            # A wake-up lost to a full socket must not let another channel's later message
+            # overtake it: while our overflow flag is up, re-read every channel we follow.
+            if not everything and txn.get(b"ovf" + b._me.token, db=b._meta) is not None:
+                everything = True
             if everything:
                 dirty = [
                     k.decode()
