@@ -583,3 +583,19 @@ def test_messaging_bad_input(store: sharedkv.Store) -> None:
 def test_on_message_needs_a_callable(store: sharedkv.Store) -> None:
     with pytest.raises(TypeError, match="callable"):
         store.on_message("c")(42)  # type: ignore[arg-type]
+
+
+def test_undecodable_message_fails_alone() -> None:
+    from .conftest import unique_name
+
+    url = f"shm://{unique_name('dec')}"
+    with (
+        sharedkv.Store(url) as writer,
+        sharedkv.Store(url, serializer=sharedkv.JSONSerializer()) as safe,
+    ):
+        with safe.subscribe("c") as sub:
+            writer.publish("c", {1, 2})  # a pickle: the JSON reader refuses to load it
+            safe.publish("c", [1, 2])
+            with pytest.raises(sharedkv.SerializationError):
+                sub.get(timeout=5)
+            assert sub.get(timeout=5).data == [1, 2]  # type: ignore[union-attr]

@@ -41,7 +41,9 @@ class _Stream(Generic[E]):
     def __init__(self, feed: Feed, codec: Codec) -> None:
         self._feed = feed
         self._codec = codec
-        self._pending: collections.deque[E] = collections.deque()
+        # Raw events, decoded one by one as they are handed out: a value that cannot be decoded
+        # fails its own get() and not the rest of its batch.
+        self._pending: collections.deque[Any] = collections.deque()
         self._read_lock = threading.Lock()
         self.received = 0  # events handed out
         self.dropped = 0  # messages lost to a full buffer (reported as Gap events)
@@ -56,17 +58,18 @@ class _Stream(Generic[E]):
                     if isinstance(raw, Gap):
                         self.dropped += raw.count
                         self._note_gap(raw)
-                        self._pending.append(raw)  # type: ignore[arg-type]  # E includes Gap
-                    else:
-                        self._pending.append(self._decode(raw))
+                    self._pending.append(raw)
             return bool(self._pending)
 
     def _note_gap(self, gap: Gap) -> None:
         pass
 
     def _pop(self) -> E:
+        raw = self._pending.popleft()
         self.received += 1
-        return self._pending.popleft()
+        if isinstance(raw, Gap):
+            return raw  # type: ignore[return-value]  # E always includes Gap
+        return self._decode(raw)
 
     @property
     def closed(self) -> bool:

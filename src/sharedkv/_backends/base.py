@@ -303,6 +303,10 @@ class Backend(ABC):
     def lock_owners(self, name: str) -> list[LockInfo]:
         """The live holders of ``name`` (dead holders are released on the way)."""
 
+    def lock_names(self) -> list[str]:
+        """Names of the locks and semaphores that have holders (for inspection tools)."""
+        return []
+
     @abstractmethod
     def lock_feed(self, name: str) -> Feed:
         """A feed notified when the lock may have become free."""

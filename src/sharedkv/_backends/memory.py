@@ -336,6 +336,10 @@ class MemoryBackend(Backend):
             self._check()
             return list(self._locks.get(name, {}).values())
 
+    def lock_names(self) -> list[str]:
+        with self._lock:
+            return sorted(name for name, holders in self._locks.items() if holders)
+
     def lock_feed(self, name: str) -> Feed:
         with self._lock:
             self._check()

@@ -360,6 +360,13 @@ class ShmBackend(Backend):
             if not self._create:
                 raise StoreNotFoundError(f"the store at {self.url} was removed")
         info_path = os.path.join(self.path, "info.json")
+        if not self._create:
+            # Attaching only: the creator writes info.json right after taking its flock.
+            while not os.path.exists(info_path) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not os.path.exists(info_path):
+                os.close(fd)
+                raise StoreNotFoundError(f"the store at {self.url} was never completely created")
         if not os.path.exists(info_path):
             self._store_id = secrets.token_hex(8)
             info = {
@@ -1113,6 +1120,15 @@ class ShmBackend(Backend):
 
     def lock_feed(self, name: str) -> Feed:
         return _WakeFeed(self, K_LOCK, name)
+
+    def lock_names(self) -> list[str]:
+        """Names of the locks and semaphores that have holders right now."""
+        self._check()
+        names: set[str] = set()
+        with self._env.begin(db=self._locks) as txn:
+            for key, _ in txn.cursor():
+                names.add(bytes(key[: key.index(b"\0")]).decode())
+        return sorted(names)
 
     # -- statistics ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
