@@ -16,14 +16,13 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backends.base import Change, Feed, Gap, Message
 from ._errors import ClosedError, TimeoutError
-from ._wait import resolve_timeout, wait_async
+from ._wait import resolve_timeout, retry_until, retry_until_async, wait_async
 
 if TYPE_CHECKING:
     from ._codec import Codec
@@ -87,30 +86,18 @@ class _Stream(Generic[E]):
         """The next event; raises :class:`~sharedkv.TimeoutError` after ``timeout`` seconds
         (default 30), :class:`~sharedkv.ClosedError` once closed."""
         limit = resolve_timeout(timeout)
-        deadline = time.monotonic() + limit
-        while True:
-            generation = self._feed.generation
-            event = self.get_nowait()
-            if event is not None:
-                return event
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"nothing arrived within {limit} s")
-            self._feed.wait(generation, remaining)
+        event = retry_until(self.get_nowait, self._feed, limit)
+        if event is None:
+            raise TimeoutError(f"nothing arrived within {limit} s")
+        return event
 
     async def get_async(self, timeout: float | None = None) -> E:
         """``get`` for coroutines: waits on the event loop, never blocking a thread."""
         limit = resolve_timeout(timeout)
-        deadline = time.monotonic() + limit
-        while True:
-            generation = self._feed.generation
-            event = self.get_nowait()
-            if event is not None:
-                return event
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"nothing arrived within {limit} s")
-            await wait_async(self._feed, generation, remaining)
+        event = await retry_until_async(self.get_nowait, self._feed, limit)
+        if event is None:
+            raise TimeoutError(f"nothing arrived within {limit} s")
+        return event
 
     def __iter__(self) -> Iterator[E]:
         """Every event until the subscription (or its store) is closed."""

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TypeVar
 
 from ._backends.base import Feed
@@ -33,13 +33,15 @@ def resolve_timeout(timeout: float | None, default: float = DEFAULT_TIMEOUT) -> 
     return float(timeout)
 
 
-def retry_until(
-    attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None = None
-) -> T | None:
-    """Call ``attempt`` until it returns non-None, sleeping on ``feed`` in between.
+def _plan(
+    attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None
+) -> Generator[tuple[int, float], None, T | None]:
+    """The logic of every wait, shared by the thread and event-loop versions below.
 
-    ``recheck`` bounds each sleep, for conditions that can change without a wake-up (a lock
-    holder that dies without releasing is noticed by the next attempt).
+    Calls ``attempt`` until it returns non-None (the result) or time runs out (None); yields
+    ``(generation, seconds)`` whenever the caller must sleep on ``feed``. ``recheck`` bounds
+    each sleep, for conditions that can change without a wake-up (a lock holder that dies
+    without releasing is noticed by the next attempt).
     """
     deadline = time.monotonic() + timeout
     armed = False
@@ -58,10 +60,34 @@ def retry_until(
             remaining = deadline - time.monotonic()
             if remaining <= 0 or feed.closed:
                 return None
-            feed.wait(generation, remaining if recheck is None else min(remaining, recheck))
+            yield generation, remaining if recheck is None else min(remaining, recheck)
     finally:
         if armed:
             feed.disarm()
+
+
+def retry_until(
+    attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None = None
+) -> T | None:
+    """Call ``attempt`` until it returns non-None, sleeping on ``feed`` in between."""
+    plan = _plan(attempt, feed, timeout, recheck)
+    try:
+        while True:
+            feed.wait(*next(plan))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def retry_until_async(
+    attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None = None
+) -> T | None:
+    """:func:`retry_until` for coroutines: sleeps on the event loop, blocking no thread."""
+    plan = _plan(attempt, feed, timeout, recheck)
+    try:
+        while True:
+            await wait_async(feed, *next(plan))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 async def wait_async(feed: Feed, generation: int, timeout: float) -> bool:
@@ -84,28 +110,3 @@ async def wait_async(feed: Feed, generation: int, timeout: float) -> bool:
         return woken.is_set()
     finally:
         remove()
-
-
-async def retry_until_async(
-    attempt: Callable[[], T | None], feed: Feed, timeout: float, recheck: float | None = None
-) -> T | None:
-    deadline = time.monotonic() + timeout
-    armed = False
-    try:
-        while True:
-            generation = feed.generation
-            result = attempt()
-            if result is not None:
-                return result
-            if not armed:
-                feed.arm()  # see retry_until
-                armed = True
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or feed.closed:
-                return None
-            wait = remaining if recheck is None else min(remaining, recheck)
-            await wait_async(feed, generation, wait)
-    finally:
-        if armed:
-            feed.disarm()
