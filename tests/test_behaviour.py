@@ -592,10 +592,10 @@ def test_undecodable_message_fails_alone() -> None:
     with (
         sharedkv.Store(url) as writer,
         sharedkv.Store(url, serializer=sharedkv.JSONSerializer()) as safe,
+        safe.subscribe("c") as sub,
     ):
-        with safe.subscribe("c") as sub:
-            writer.publish("c", {1, 2})  # a pickle: the JSON reader refuses to load it
-            safe.publish("c", [1, 2])
-            with pytest.raises(sharedkv.SerializationError):
-                sub.get(timeout=5)
-            assert sub.get(timeout=5).data == [1, 2]  # type: ignore[union-attr]
+        writer.publish("c", {1, 2})  # a pickle: the JSON reader refuses to load it
+        safe.publish("c", [1, 2])
+        with pytest.raises(sharedkv.SerializationError):
+            sub.get(timeout=5)
+        assert sub.get(timeout=5).data == [1, 2]  # type: ignore[union-attr]

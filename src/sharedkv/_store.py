@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import contextlib
 import math
+import re
 import threading
 import time
 import weakref
@@ -111,7 +112,9 @@ class Store:
         return (_reopen, (self.url, serializer, self._options))
 
     def __repr__(self) -> str:
-        return f"<Store {self.url!r}{' closed' if self._closed else ''}>"
+        # The address may hold a password (redis://user:secret@host): never print it.
+        shown = re.sub(r"(//[^:/@]*:)[^@]*@", r"\1***@", self.url)
+        return f"<Store {shown!r}{' closed' if self._closed else ''}>"
 
     @property
     def closed(self) -> bool:

@@ -62,7 +62,7 @@ def open_backend(url: str | None, options: dict[str, Any]) -> tuple[Backend, str
         return MemoryBackend(**_shm_tuning(options)), "memory://"
     if scheme in ("redis", "rediss", "unix"):
         try:
-            from .redis import RedisBackend  # type: ignore[import-not-found, unused-ignore]
+            from .redis import RedisBackend
         except ImportError as exc:
             if exc.name not in ("redis", "hiredis"):
                 raise

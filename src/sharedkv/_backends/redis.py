@@ -1,16 +1,17 @@
 """The Redis backend (``redis://``, ``rediss://``, ``unix://``): the same store on a Redis server.
 
 Every operation that changes state is one Lua script, so it is atomic on the server and needs no
-client-side lock; reads are single commands or read-only scripts. Redis 6.2 or later is needed
-(``XTRIM``/``XRANGE`` exclusive ranges); Redis Cluster is not supported (the scripts touch keys
-they compute).
+client-side lock; reads are single commands or read-only scripts. Redis 7.0 or later is needed
+(stream ids numbered by the server, ``XADD 0-*``); Redis Cluster is not supported (the scripts
+touch keys they compute).
 
 Key layout, for namespace ``N`` (``?namespace=``, default ``sharedkv``)::
 
     N:k:<key>        hash {v: value, r: revision[, e: owner token, x: deadline ms]}
-    N:meta           hash {rev, msgs, dropped}: store-wide counters
-    N:hist           stream of the last ``history`` changes, id "<revision>-0",
-                     fields o (s/d/e), k (key)[, v (value)]; read by watch(since=)
+    N:meta           hash {msgs, dropped}: messages published and lost by slow subscribers
+    N:hist           stream of the last ``history`` changes, id "0-<revision>", fields o
+                     (s/d/e), k (key)[, v (value)]; read by watch(since=). Its ids are the
+                     store's revisions: Redis numbers them (XADD 0-*), even when trimmed
     N:exp            sorted set key -> deadline (server ms), to record "expire" events
     N:c:<channel>    stream of the last ``buffer`` messages, id "<msg id>-<seq>",
                      fields p (payload), q (msg id of the previous message); kept only while
@@ -39,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -86,7 +88,7 @@ DEFAULT_NAMESPACE = "sharedkv"
 DEFAULT_TIMEOUT = 5.0  # seconds: connect, socket and subscription timeout
 DEFAULT_LEASE = 10.0  # seconds a lock or ephemeral key outlives a silent holder
 CHANNEL_LIFETIME_MS = 24 * 3600 * 1000  # a channel's buffer outlives its last message this long
-MIN_REDIS = (6, 2)
+MIN_REDIS = (7, 0)
 
 _SCAN_COUNT = 1000
 _HISTORY_PAGE = 1000
@@ -110,6 +112,17 @@ _TUNING = {
     "buffer_bytes": 64 << 20,
 }
 _OPS = {b"s": "set", b"d": "delete", b"e": "expire"}
+
+_forks = 0  # bumped in every forked child: backends compare it to notice a fork cheaply
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_count_fork)
 
 
 # =============================================================================================
@@ -153,30 +166,29 @@ local function trim(stream, counter, size, max_len, max_bytes)
 end
 """
 
-# Shared by every script that changes keys. KEYS[1..3]: meta hash, history stream, expiry set.
+# Shared by every script that changes keys. KEYS: the data keys it changes ("N:k:<key>").
 # ARGV[1..3]: the namespace prefix "N:", the history limits in entries and in bytes.
+# Revisions are the ids of the history stream ("0-<revision>", Redis numbers them with 0-*),
+# so that a change costs one command less; the stream keeps its last id even when trimmed.
 _LUA_CHANGES = (
     _LUA_HELPERS
     + r"""
-local META, HIST, EXP = KEYS[1], KEYS[2], KEYS[3]
 local NS = ARGV[1]
+local HIST, EXP = NS .. 'hist', NS .. 'exp'
 local HIST_MAX, HIST_BYTES = tonumber(ARGV[2]), tonumber(ARGV[3])
 
 -- One change: a new store-wide revision, a history entry and a hint to watchers of the key.
 -- op: 's' set (value given), 'd' delete, 'e' expire. flag: 'x' when the key now has a
 -- deadline (watching processes then plan their expiry sweep), '.' otherwise.
 local function record(op, key, value, flag)
-  local rev = redis.call('HINCRBY', META, 'rev', 1)
-  if HIST_MAX > 0 then
-    local id = string.format('%d-0', rev)
-    if value then
-      redis.call('XADD', HIST, id, 'o', op, 'k', key, 'v', value)
-      trim(HIST, rev, #value, HIST_MAX, HIST_BYTES)
-    else
-      redis.call('XADD', HIST, id, 'o', op, 'k', key)
-      trim(HIST, rev, 0, HIST_MAX, HIST_BYTES)
-    end
+  local id
+  if value then
+    id = redis.call('XADD', HIST, '0-*', 'o', op, 'k', key, 'v', value)
+  else
+    id = redis.call('XADD', HIST, '0-*', 'o', op, 'k', key)
   end
+  local rev = tonumber(string.sub(id, 3))
+  trim(HIST, rev, value and #value or 0, HIST_MAX, HIST_BYTES)
   redis.call('PUBLISH', NS .. 'h:k:' .. fold(key), flag .. key)
   return rev
 end
@@ -219,27 +231,45 @@ end
 """
 )
 
-# set: KEYS[4] data key; ARGV[4] key, [5] value, [6] ttl ms or '', [7] required revision or '',
-# [8] owner token or '' (not ephemeral), [9] lease ms. Returns the revision, or 0 when the
-# required revision did not match.
+# The store's current revision: the last id the history stream handed out (0 before any).
+_LUA_CURRENT_REVISION = r"""
+local function current_revision(hist)
+  local last = redis.call('XREVRANGE', hist, '+', '-', 'COUNT', 1)[1]
+  if last then return tonumber(string.sub(last[1], 3)) end
+  if redis.call('EXISTS', hist) == 0 then return 0 end
+  local info = redis.call('XINFO', 'STREAM', hist)  -- emptied by history=0: ask for its last id
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return tonumber(string.sub(info[i + 1], 3)) end
+  end
+  return 0
+end
+"""
+
+# set: KEYS[1] data key; ARGV[4] key, [5] value, [6] options: '' or "ttl ms|required
+# revision|owner token|lease ms" (each part may be empty). Returns the revision, or 0 when
+# the required revision did not match.
 _LUA_SET = (
     _LUA_CHANGES
     + r"""
-local data, key = KEYS[4], ARGV[4]
+local data, key = KEYS[1], ARGV[4]
+local ttl, required, owner, lease = '', '', '', ''
+if ARGV[6] ~= '' then
+  ttl, required, owner, lease = string.match(ARGV[6], '^(%d*)|(%d*)|(%x*)|(%d*)$')
+end
 local tracked = settle(data, key)
-if ARGV[7] ~= '' and (redis.call('HGET', data, 'r') or '0') ~= ARGV[7] then return 0 end
-return write(data, key, ARGV[5], ARGV[6], ARGV[8], ARGV[9], tracked)
+if required ~= '' and (redis.call('HGET', data, 'r') or '0') ~= required then return 0 end
+return write(data, key, ARGV[5], ttl, owner, lease, tracked)
 """
 )
 
-# set_many: KEYS[4..] data keys; ARGV[4] ttl ms or '', then key and value pairs from ARGV[5].
+# set_many: KEYS data keys; ARGV[4] ttl ms or '', then key and value pairs from ARGV[5].
 # Returns the revision of the last write.
 _LUA_SET_MANY = (
     _LUA_CHANGES
     + r"""
 local rev = 0
-for i = 4, #KEYS do
-  local j = 5 + (i - 4) * 2
+for i = 1, #KEYS do
+  local j = 5 + (i - 1) * 2
   local tracked = settle(KEYS[i], ARGV[j])
   rev = write(KEYS[i], ARGV[j], ARGV[j + 1], ARGV[4], '', '0', tracked)
 end
@@ -247,11 +277,11 @@ return rev
 """
 )
 
-# delete: KEYS[4] data key; ARGV[4] key, [5] required revision or ''. Returns 1 when removed.
+# delete: KEYS[1] data key; ARGV[4] key, [5] required revision or ''. Returns 1 when removed.
 _LUA_DELETE = (
     _LUA_CHANGES
     + r"""
-local data, key = KEYS[4], ARGV[4]
+local data, key = KEYS[1], ARGV[4]
 local tracked = settle(data, key)
 if ARGV[5] ~= '' and redis.call('HGET', data, 'r') ~= ARGV[5] then return 0 end
 if redis.call('DEL', data) == 0 then return 0 end
@@ -261,11 +291,11 @@ return 1
 """
 )
 
-# pop: KEYS[4] data key; ARGV[4] key. Returns the removed value, or nil.
+# pop: KEYS[1] data key; ARGV[4] key. Returns the removed value, or nil.
 _LUA_POP = (
     _LUA_CHANGES
     + r"""
-local data, key = KEYS[4], ARGV[4]
+local data, key = KEYS[1], ARGV[4]
 local tracked = settle(data, key)
 local value = redis.call('HGET', data, 'v')
 if not value then return false end
@@ -276,14 +306,14 @@ return value
 """
 )
 
-# incr: KEYS[4] data key; ARGV[4] key, [5] amount (fits 64 bits). Returns {new decimal value},
+# incr: KEYS[1] data key; ARGV[4] key, [5] amount (fits 64 bits). Returns {new decimal value},
 # {'type'} when the stored value is not an integer, or {'range'} when the result does not fit
 # 64 bits (the client then falls back to compare-and-set with Python's integers). The key's
 # expiry and ephemeral owner are kept: the hash is changed in place.
 _LUA_INCR = (
     _LUA_CHANGES
     + r"""
-local data, key = KEYS[4], ARGV[4]
+local data, key = KEYS[1], ARGV[4]
 settle(data, key)
 local result = redis.pcall('HINCRBY', data, 'v', ARGV[5])
 if type(result) == 'table' and result.err then
@@ -298,13 +328,13 @@ return {new}
 """
 )
 
-# expire: KEYS[4] data key; ARGV[4] key, [5] ttl ms or '' (remove the expiry), [6] lease ms.
+# expire: KEYS[1] data key; ARGV[4] key, [5] ttl ms or '' (remove the expiry), [6] lease ms.
 # Rewrites the value with a new revision as set(ttl=...) would, keeping an ephemeral owner.
 # Returns 0 when the key is absent.
 _LUA_EXPIRE = (
     _LUA_CHANGES
     + r"""
-local data, key = KEYS[4], ARGV[4]
+local data, key = KEYS[1], ARGV[4]
 local tracked = settle(data, key)
 local h = redis.call('HMGET', data, 'v', 'e', 'x')
 if not h[1] then return 0 end
@@ -317,13 +347,13 @@ return 1
 """
 )
 
-# clear: KEYS[4..] data keys, ARGV[4..] their keys in order. Deletes those still present.
+# clear: KEYS data keys, ARGV[4..] their keys in the same order. Deletes those still present.
 _LUA_CLEAR = (
     _LUA_CHANGES
     + r"""
 local n = 0
-for i = 4, #KEYS do
-  local key = ARGV[i]
+for i = 1, #KEYS do
+  local key = ARGV[i + 3]
   local tracked = settle(KEYS[i], key)
   if redis.call('DEL', KEYS[i]) == 1 then
     if tracked then redis.call('ZREM', EXP, key) end
@@ -361,13 +391,13 @@ return math.max(1, tonumber(first[2]) - now + 1)
 """
 )
 
-# drop_ephemeral: KEYS[4..] data keys, ARGV[4] owner token, ARGV[5..] their keys. Deletes the
-# keys this owner still holds (a clean close), recording a "delete" for each.
+# drop_ephemeral: KEYS data keys; ARGV[4] owner token, ARGV[5..] their keys. Deletes the keys
+# this owner still holds (a clean close), recording a "delete" for each.
 _LUA_DROP_EPHEMERAL = (
     _LUA_CHANGES
     + r"""
-for i = 4, #KEYS do
-  local key = ARGV[i + 1]
+for i = 1, #KEYS do
+  local key = ARGV[i + 4]
   local tracked = settle(KEYS[i], key)
   if redis.call('HGET', KEYS[i], 'e') == ARGV[4] then
     redis.call('DEL', KEYS[i])
@@ -469,6 +499,19 @@ trim(KEYS[2], seq, #ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
 return reached
 """
 )
+
+# history_bounds: KEYS[1] history. {current revision, revision of the oldest retained change
+# or nil}, read at one instant.
+_LUA_HISTORY_BOUNDS = (
+    _LUA_CURRENT_REVISION
+    + r"""
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
+return {current_revision(KEYS[1]), first and tonumber(string.sub(first[1], 3)) or false}
+"""
+)
+
+# revision: KEYS[1] history. The store's current revision.
+_LUA_REVISION = _LUA_CURRENT_REVISION + "\nreturn current_revision(KEYS[1])\n"
 
 # channel_marks: KEYS[1] meta hash, KEYS[2..] channel states. Where messages and the given
 # channels stood when a subscription started: {msg id, state of each channel or false}.
@@ -585,13 +628,59 @@ class _Script:
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
 
-    def __call__(self, client: Any, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    def __call__(self, call: _Commands, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         try:
-            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return call("EVALSHA", self.sha, len(keys), *keys, *args)
         except NoScriptError:
             # A restarted server (or SCRIPT FLUSH) forgets scripts; this is rare, so no lock.
-            client.execute_command("SCRIPT", "LOAD", self.text)
-            return client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            call("SCRIPT", "LOAD", self.text)
+            return call("EVALSHA", self.sha, len(keys), *keys, *args)
+
+
+# redis-py 5.3 made get_connection's arguments optional (and later deprecated them).
+_TAKE_NEEDS_NAME = (
+    inspect.signature(redis.ConnectionPool.get_connection).parameters.get("command_name")
+    is not None
+    and inspect.signature(redis.ConnectionPool.get_connection).parameters["command_name"].default
+    is inspect.Parameter.empty
+)
+
+
+class _Commands:
+    """Commands on pooled connections, through redis-py's connection API only.
+
+    redis-py's client adds work to every command that sharedkv does not use (retry and
+    observability hooks, reply callbacks): on loopback that is about a third of a call, so
+    the hot path skips it. Replies are raw (RESP2 or RESP3 as redis-py negotiated). A broken
+    connection is disconnected by redis-py and replaced by the pool on next use.
+    """
+
+    __slots__ = ("_pool",)
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+
+    def _take(self) -> Any:
+        if _TAKE_NEEDS_NAME:
+            return self._pool.get_connection("_")  # type: ignore[call-arg, unused-ignore]
+        return self._pool.get_connection()
+
+    def __call__(self, *args: Any) -> Any:
+        conn = self._take()
+        try:
+            conn.send_command(*args)
+            return conn.read_response()
+        finally:
+            self._pool.release(conn)
+
+    def many(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Several commands in one round trip (pipelined, not atomic)."""
+        conn = self._take()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            return [conn.read_response() for _ in commands]
+        finally:
+            self._pool.release(conn)
 
 
 SET = _Script(_LUA_SET)
@@ -609,6 +698,8 @@ GET_MANY = _Script(_LUA_GET_MANY)
 SCAN_ITEMS = _Script(_LUA_SCAN_ITEMS)
 PUBLISH = _Script(_LUA_PUBLISH)
 CHANNEL_MARKS = _Script(_LUA_CHANNEL_MARKS)
+HISTORY_BOUNDS = _Script(_LUA_HISTORY_BOUNDS)
+REVISION = _Script(_LUA_REVISION)
 QUEUE_PUT = _Script(_LUA_QUEUE_PUT)
 QUEUE_GET = _Script(_LUA_QUEUE_GET)
 LOCK_ACQUIRE = _Script(_LUA_LOCK_ACQUIRE)
@@ -879,7 +970,7 @@ def _guarded(
     def wrapper(self: RedisBackend, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if self._closed:
             raise ClosedError("the store is closed")
-        if self._pid != os.getpid():
+        if self._fork_generation != _forks:  # cheaper than os.getpid() on every call
             self._after_fork()
         try:
             return method(self, *args, **kwargs)
@@ -917,9 +1008,11 @@ class RedisBackend(Backend):
         self._connect()
         try:
             self.server_version = self._check_server()
-        except redis.RedisError as exc:
+        except BaseException as exc:
             self._pool.disconnect()
-            raise self._translate(exc) from exc
+            if isinstance(exc, redis.RedisError):
+                raise self._translate(exc) from exc
+            raise
 
     def _namespace(self, own: dict[str, str], options: dict[str, Any]) -> str:
         given = options.pop("namespace", None)
@@ -945,18 +1038,20 @@ class RedisBackend(Backend):
         """Everything tied to this process: pool, token, background thread, leases."""
         self._pid = os.getpid()
         self._pool = self._address.pool(self._timeout)
-        # redis-py's command methods are typed for sync and async use at once: use Any.
-        self._client: Any = redis.Redis(connection_pool=self._pool)
+        self._cmd = _Commands(self._pool)
+        self._fork_generation = _forks
         self._token = secrets.token_hex(8)
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], None] = {}  # (lock name, ident) -> None
-        self._ephemeral: dict[str, None] = {}
+        self._ephemeral: dict[str, int] = {}  # key -> generation (bumped by every set)
+        self._generation = 0
         self._feeds: list[_RedisFeed] = []
         self._listener = _Listener(self)
 
     def _check_server(self) -> str:
-        info = self._client.info("server")
-        version = str(info.get("redis_version", "0"))
+        info = self._cmd("INFO", "server").decode(errors="replace")
+        found = re.search(r"^redis_version:(\S+)", info, re.MULTILINE)
+        version = found.group(1) if found else "0"
         numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2])
         if numbers < MIN_REDIS:
             raise BackendError(
@@ -988,21 +1083,17 @@ class RedisBackend(Backend):
         return BackendError(f"Redis at {where} failed: {exc}")
 
     def _changes(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a key-changing script with the keys and arguments every such script takes."""
-        return script(
-            self._client,
-            (self._meta, self._hist, self._exp, *keys),
-            (self._ns, self._history, self._history_bytes, *args),
-        )
+        """Run a key-changing script with the arguments every such script takes."""
+        return script(self._cmd, keys, (self._ns, self._history, self._history_bytes, *args))
 
     # -- key-value -------------------------------------------------------------------------
     @_guarded
     def get(self, key: str) -> bytes | None:
-        return cast("bytes | None", self._client.execute_command("HGET", self._kp + key, "v"))
+        return cast("bytes | None", self._cmd("HGET", self._kp + key, "v"))
 
     @_guarded
     def get_record(self, key: str) -> Record | None:
-        reply = GET_RECORD(self._client, (self._kp + key,), ())
+        reply = GET_RECORD(self._cmd, (self._kp + key,), ())
         if reply is None:
             return None
         value, revision, left = reply
@@ -1013,7 +1104,7 @@ class RedisBackend(Backend):
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        return cast("list[bytes | None]", GET_MANY(self._client, [self._kp + k for k in keys], ()))
+        return cast("list[bytes | None]", GET_MANY(self._cmd, [self._kp + k for k in keys], ()))
 
     @_guarded
     def set(
@@ -1025,21 +1116,12 @@ class RedisBackend(Backend):
         if_revision: int | None = None,
         ephemeral: bool = False,
     ) -> int:
-        owner = self._token if ephemeral else ""
-        revision = int(
-            self._changes(
-                SET,
-                (self._kp + key,),
-                (
-                    key,
-                    value,
-                    _ms(ttl),
-                    "" if if_revision is None else if_revision,
-                    owner,
-                    _ms(self._lease),
-                ),
-            )
-        )
+        options = ""  # the common case: no ttl, no condition, not ephemeral
+        if ttl is not None or if_revision is not None or ephemeral:
+            required = "" if if_revision is None else str(if_revision)
+            owner = self._token if ephemeral else ""
+            options = f"{_ms(ttl)}|{required}|{owner}|{_ms(self._lease)}"
+        revision = int(self._changes(SET, (self._kp + key,), (key, value, options)))
         if ephemeral and revision:
             self._hold_ephemeral(key)
         return revision
@@ -1106,7 +1188,7 @@ class RedisBackend(Backend):
         found: dict[str, bytes] = {}
         cursor: Any = 0
         while True:
-            cursor, keys, values = SCAN_ITEMS(self._client, (), (cursor, match, _SCAN_COUNT))
+            cursor, keys, values = SCAN_ITEMS(self._cmd, (), (cursor, match, _SCAN_COUNT))
             for raw, value in zip(keys, values, strict=True):
                 key = raw[len(self._kp_bytes) :].decode()
                 if pattern is None or fnmatchcase(key, pattern):
@@ -1123,12 +1205,12 @@ class RedisBackend(Backend):
         found: dict[str, None] = {}
         cursor = 0
         while True:
-            cursor, raws = self._client.scan(cursor, match=match, count=_SCAN_COUNT)
+            cursor, raws = self._cmd("SCAN", cursor, "MATCH", match, "COUNT", _SCAN_COUNT)
             for raw in raws:
                 key = raw[len(self._kp_bytes) :].decode()
                 if pattern is None or fnmatchcase(key, pattern):
                     found[key] = None
-            if cursor == 0:
+            if int(cursor) == 0:
                 return found
 
     def _key_match(self, pattern: str | None) -> bytes:
@@ -1144,11 +1226,11 @@ class RedisBackend(Backend):
         match = self._key_match(None)
         cursor = 0
         while True:
-            cursor, raws = self._client.scan(cursor, match=match, count=_SCAN_COUNT)
+            cursor, raws = self._cmd("SCAN", cursor, "MATCH", match, "COUNT", _SCAN_COUNT)
             names = sorted(raw[len(self._kp_bytes) :].decode() for raw in raws)
             if names:
                 self._changes(CLEAR, [self._kp + k for k in names], names)
-            if cursor == 0:
+            if int(cursor) == 0:
                 return
 
     @_guarded
@@ -1156,7 +1238,7 @@ class RedisBackend(Backend):
         return self._revision()
 
     def _revision(self) -> int:
-        return int(self._client.execute_command("HGET", self._meta, "rev") or 0)
+        return int(REVISION(self._cmd, (self._hist,), ()))
 
     # -- messaging -------------------------------------------------------------------------
     @_guarded
@@ -1164,15 +1246,13 @@ class RedisBackend(Backend):
         hint = self._ns.encode() + b"h:m:" + _fold(channel)
         keys = (self._meta, self._ns + "c:" + channel, self._ns + "cm:" + channel)
         args = (hint, channel, payload, self._buffer, self._buffer_bytes, CHANNEL_LIFETIME_MS)
-        return int(PUBLISH(self._client, keys, args))
+        return int(PUBLISH(self._cmd, keys, args))
 
     @_guarded
     def subscribe(self, patterns: Iterable[str]) -> Feed:
         feed = _MessageFeed(self, tuple(patterns))
         exact = [p for p in feed.patterns if not _has_glob(p)]
-        marks = CHANNEL_MARKS(
-            self._client, (self._meta, *(self._ns + "cm:" + p for p in exact)), ()
-        )
+        marks = CHANNEL_MARKS(self._cmd, (self._meta, *(self._ns + "cm:" + p for p in exact)), ())
         seqs = {p: int(m.split()[0]) if m else 0 for p, m in zip(exact, marks[1:], strict=True)}
         feed.start(int(marks[0]), seqs)
         self._listen(feed, self._message_routes(feed.patterns))
@@ -1218,13 +1298,8 @@ class RedisBackend(Backend):
 
     def _history_bounds(self) -> tuple[int, int]:
         """The current revision and the oldest retained in the history, read at one instant."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.execute_command("HGET", self._meta, "rev")
-        pipe.execute_command("XRANGE", self._hist, "-", "+", "COUNT", 1)
-        rev, first = pipe.execute()
-        current = int(rev or 0)
-        oldest = int(first[0][0].split(b"-")[0]) if first else current + 1
-        return current, oldest
+        current, oldest = HISTORY_BOUNDS(self._cmd, (self._hist,), ())
+        return int(current), current + 1 if oldest is None else int(oldest)
 
     def _sweep(self) -> int:
         """Record "expire" for keys whose time came; ms until the next deadline (-1: none)."""
@@ -1249,19 +1324,17 @@ class RedisBackend(Backend):
         """Every retained change after revision ``after``, oldest first."""
         out: list[tuple[int, str, str, bytes | None]] = []
         while True:
-            page = self._client.execute_command(
-                "XRANGE", self._hist, f"({after}-0", "+", "COUNT", _HISTORY_PAGE
-            )
-            for entry_id, fields in page:
-                after = int(entry_id.split(b"-")[0])
-                # redis-py turns each entry's fields into a dict
-                out.append((after, _OPS[fields[b"o"]], fields[b"k"].decode(), fields.get(b"v")))
+            page = self._cmd("XRANGE", self._hist, f"(0-{after}", "+", "COUNT", _HISTORY_PAGE)
+            for entry_id, fields in page:  # id "0-<revision>"; fields: o, op, k, key[, v, value]
+                after = int(entry_id[2:])
+                value = fields[5] if len(fields) > 5 else None
+                out.append((after, _OPS[fields[1]], fields[3].decode(), value))
             if len(page) < _HISTORY_PAGE:
                 return out
 
     @_guarded
     def message_count(self) -> int:
-        return int(self._client.execute_command("HGET", self._meta, "msgs") or 0)
+        return int(self._cmd("HGET", self._meta, "msgs") or 0)
 
     @_guarded
     def read_channels(
@@ -1269,15 +1342,15 @@ class RedisBackend(Backend):
     ) -> list[list[tuple[int, int, int, bytes]]]:
         """For each (channel, message id), the retained messages after that id:
         (message id, seq, previous message id, payload), oldest first."""
-        pipe = self._client.pipeline(transaction=False)
-        for channel, after in cursors:
-            pipe.execute_command("XRANGE", self._ns + "c:" + channel, after + 1, "+")
+        pages = self._cmd.many(
+            [("XRANGE", self._ns + "c:" + channel, after + 1, "+") for channel, after in cursors]
+        )
         out = []
-        for page in pipe.execute():
+        for page in pages:
             entries = []
-            for entry_id, fields in page:
+            for entry_id, fields in page:  # fields: p, payload, q, previous msg id
                 msgid, seq = entry_id.split(b"-")
-                entries.append((int(msgid), int(seq), int(fields[b"q"]), fields[b"p"]))
+                entries.append((int(msgid), int(seq), int(fields[3]), fields[1]))
             out.append(entries)
         return out
 
@@ -1285,16 +1358,16 @@ class RedisBackend(Backend):
     @_guarded
     def queue_put(self, name: str, item: bytes, maxsize: int) -> bool:
         hint = self._ns + "h:q:" + name
-        return bool(QUEUE_PUT(self._client, (self._ns + "q:" + name,), (item, maxsize, hint)))
+        return bool(QUEUE_PUT(self._cmd, (self._ns + "q:" + name,), (item, maxsize, hint)))
 
     @_guarded
     def queue_get(self, name: str) -> bytes | None:
         hint = self._ns + "h:q:" + name
-        return cast("bytes | None", QUEUE_GET(self._client, (self._ns + "q:" + name,), (hint,)))
+        return cast("bytes | None", QUEUE_GET(self._cmd, (self._ns + "q:" + name,), (hint,)))
 
     @_guarded
     def queue_size(self, name: str) -> int:
-        return int(self._client.execute_command("LLEN", self._ns + "q:" + name))
+        return int(self._cmd("LLEN", self._ns + "q:" + name))
 
     @_guarded
     def queue_feed(self, name: str) -> Feed:
@@ -1314,7 +1387,7 @@ class RedisBackend(Backend):
     def lock_acquire(self, name: str, limit: int, owner: LockInfo) -> bool:
         info = f"{owner.pid}|{owner.thread_id}|{owner.since!r}|{owner.thread_name}"
         args = (owner.ident, limit, _ms(self._lease), info)
-        if not LOCK_ACQUIRE(self._client, self._lock_keys(name), args):
+        if not LOCK_ACQUIRE(self._cmd, self._lock_keys(name), args):
             return False
         with self._lock:
             self._held[(name, str(owner.ident))] = None
@@ -1326,11 +1399,11 @@ class RedisBackend(Backend):
         with self._lock:
             self._held.pop((name, str(owner.ident)), None)
         args = (owner.ident, self._ns + "h:l:" + name)
-        return bool(LOCK_RELEASE(self._client, self._lock_keys(name), args))
+        return bool(LOCK_RELEASE(self._cmd, self._lock_keys(name), args))
 
     @_guarded
     def lock_owners(self, name: str) -> list[LockInfo]:
-        reply = LOCK_OWNERS(self._client, self._lock_keys(name), ())
+        reply = LOCK_OWNERS(self._cmd, self._lock_keys(name), ())
         owners = []
         for ident, info in zip(reply[::2], reply[1::2], strict=True):
             pid, thread_id, since, thread_name = info.decode(errors="replace").split("|", 3)
@@ -1344,26 +1417,29 @@ class RedisBackend(Backend):
     # -- leases (run by the background thread) ----------------------------------------------
     def _hold_ephemeral(self, key: str) -> None:
         with self._lock:
-            self._ephemeral[key] = None
+            self._generation += 1
+            self._ephemeral[key] = self._generation
         self._listener.need_renewals()
 
     def renew_leases(self) -> bool:
         """Extend the leases of this process's locks and ephemeral keys; False when none."""
         with self._lock:
             held = list(self._held)
-            ephemeral = list(self._ephemeral)
+            ephemeral = dict(self._ephemeral)
         if held:
             keys: list[str] = []
             for name, _ in held:
                 keys += self._lock_keys(name)
-            lost = RENEW_LOCKS(self._client, keys, (_ms(self._lease), *(i for _, i in held)))
+            lost = RENEW_LOCKS(self._cmd, keys, (_ms(self._lease), *(i for _, i in held)))
             self._forget_held([int(x) for x in lost], held)
         if ephemeral:
             args = (self._kp, self._token, _ms(self._lease), *ephemeral)
-            lost = RENEW_EPHEMERAL(self._client, (self._exp,), args)
+            lost = RENEW_EPHEMERAL(self._cmd, (self._exp,), args)
             with self._lock:
                 for raw in lost:
-                    self._ephemeral.pop(raw.decode(), None)
+                    key = raw.decode()
+                    if self._ephemeral.get(key) == ephemeral[key]:  # not set again meanwhile
+                        del self._ephemeral[key]
         with self._lock:
             return bool(self._held or self._ephemeral)
 
@@ -1407,7 +1483,7 @@ class RedisBackend(Backend):
             ephemeral, self._ephemeral = list(self._ephemeral), {}
         try:
             for name, ident in held:
-                LOCK_RELEASE(self._client, self._lock_keys(name), (ident, self._ns + "h:l:" + name))
+                LOCK_RELEASE(self._cmd, self._lock_keys(name), (ident, self._ns + "h:l:" + name))
             if ephemeral:
                 keys = [self._kp + k for k in ephemeral]
                 self._changes(DROP_EPHEMERAL, keys, (self._token, *ephemeral))
@@ -1416,9 +1492,7 @@ class RedisBackend(Backend):
 
     @_guarded
     def stats(self) -> dict[str, Any]:
-        rev, msgs, dropped = self._client.execute_command(
-            "HMGET", self._meta, "rev", "msgs", "dropped"
-        )
+        msgs, dropped = self._cmd("HMGET", self._meta, "msgs", "dropped")
         with self._lock:
             locks_held = len(self._held)
         return {
@@ -1426,7 +1500,7 @@ class RedisBackend(Backend):
             "server": f"redis {self.server_version} at {self._address.where}",
             "namespace": self.namespace,
             "keys": self.count(),
-            "revision": int(rev or 0),
+            "revision": self._revision(),
             "messages_published": int(msgs or 0),
             "messages_dropped": int(dropped or 0),
             "locks_held": locks_held,
@@ -1434,7 +1508,7 @@ class RedisBackend(Backend):
 
     @_guarded
     def add_dropped(self, count: int) -> None:
-        self._client.execute_command("HINCRBY", self._meta, "dropped", count)
+        self._cmd("HINCRBY", self._meta, "dropped", count)
 
 
 def _ms(seconds: float | None) -> str:
@@ -1609,7 +1683,7 @@ class _Listener:
         self._sleep.set()
         if connected:
             with contextlib.suppress(redis.RedisError):
-                self._backend._client.execute_command("PUBLISH", self._ctl, b"")
+                self._backend._cmd("PUBLISH", self._ctl, b"")
 
     def stop(self) -> None:
         with self._lock:
@@ -1642,11 +1716,14 @@ class _Listener:
                 if self._conn.can_read(timeout=self._idle_timeout()):
                     self._drain()
                 delay = _RETRY_MIN
-            except (redis.RedisError, OSError, ValueError) as exc:
+            except Exception as exc:  # the thread must outlive anything: it retries
                 self._disconnect()
                 if self._stopping:
                     break
-                log.debug("sharedkv: Redis subscription connection lost: %s", exc)
+                if isinstance(exc, (redis.RedisError, OSError)):
+                    log.debug("sharedkv: Redis subscription connection lost: %s", exc)
+                else:
+                    log.exception("sharedkv: the Redis background thread failed; retrying")
                 timeout = self._idle_timeout()
                 self._sleep.wait(delay if timeout is None else min(delay, timeout))
                 self._sleep.clear()
@@ -1760,10 +1837,13 @@ class _Listener:
     def _timer(self, work: Callable[[], None]) -> None:
         try:
             work()
-        except (redis.RedisError, OSError) as exc:
-            log.debug("sharedkv: background Redis work failed, will retry: %s", exc)
+        except Exception as exc:  # retried soon; never the end of the thread
+            if isinstance(exc, (redis.RedisError, OSError)):
+                log.debug("sharedkv: background Redis work failed, will retry: %s", exc)
+            else:
+                log.exception("sharedkv: background Redis work failed, will retry")
             with self._lock:  # try again soon, but do not spin while the server is away
-                soon = time.monotonic() + 1.0
+                soon = time.monotonic() + min(1.0, self._backend._lease / 3)
                 if work == self._renew:
                     self._renew_at = soon
                 else:
@@ -1829,7 +1909,8 @@ class _RedisFeed(Feed):
             return
         backend = self.backend
         if not backend._closed and backend._pid == os.getpid():
-            backend._listener.remove(self, backend._timeout)
+            # Wait (briefly) for the unsubscribe, so that publish() stops counting this feed.
+            backend._listener.remove(self, min(backend._timeout, 2.0))
         backend._forget_feed(self)
         super().close()
 
