@@ -287,11 +287,6 @@ def test_fuzzed_values_give_clear_errors(serializer: Any) -> None:
 
 
 @pytest.mark.parametrize("raw", [b"", b"-}", b"12x", b"7" * 5000 + b"\xff"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="an empty stored value raises IndexError on read; incr of bytes that look like a "
-    "decimal but are not raises a bare ValueError",
-)
 def test_malformed_values_give_clear_errors(raw: bytes) -> None:
     with sharedkv.Store(f"shm://{unique_name('fz')}") as store:
         _put_raw(store, "_data", b"n", HEADER.pack(0, 1, 0.0) + raw)
@@ -301,11 +296,6 @@ def test_malformed_values_give_clear_errors(raw: bytes) -> None:
             store.incr("n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a malformed record header raises struct.error or IndexError, and the record can be "
-    "neither overwritten nor deleted (nor the store cleared)",
-)
 def test_fuzzed_records_give_clear_errors() -> None:
     rng = random.Random(9)
     with sharedkv.Store(f"shm://{unique_name('fz')}") as store:
@@ -319,11 +309,6 @@ def test_fuzzed_records_give_clear_errors() -> None:
             _still_usable(store, key)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a malformed history record raises struct.error, KeyError or UnicodeDecodeError "
-    "from Watch.get, again on every call",
-)
 def test_fuzzed_history_gives_clear_errors() -> None:
     rng = random.Random(10)
     with sharedkv.Store(f"shm://{unique_name('fz')}") as store:
@@ -345,11 +330,6 @@ def test_fuzzed_history_gives_clear_errors() -> None:
             assert store.get("kept") == {"kept": True}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a malformed stored message raises struct.error from Subscription.get, again on every "
-    "call, so the subscription is stuck",
-)
 def test_fuzzed_messages_give_clear_errors() -> None:
     rng = random.Random(11)
     with sharedkv.Store(f"shm://{unique_name('fz')}") as store:
@@ -470,10 +450,6 @@ def test_a_full_store_says_so_and_stays_usable() -> None:
         assert len(store) == len(written) - len(written) // 2 + 6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an int longer than Python's 4300-digit str() limit raises a bare ValueError",
-)
 def test_an_integer_too_long_to_write_is_a_clear_error(store: sharedkv.Store) -> None:
     # Integers are stored as decimal text; past sys.get_int_max_str_digits() there is none.
     with pytest.raises(SerializationError):

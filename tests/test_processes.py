@@ -308,3 +308,34 @@ def test_store_outside_dev_shm(tmp_path: Any) -> None:
     assert count == "2", out.stderr
     assert path.startswith(str(tmp_path / "stores"))
     assert not os.path.exists(path)  # removed at exit
+
+
+def test_fork_server_started_before_the_store(tmp_path: Any) -> None:
+    """A fork server keeps the environment it started with; children still find their tree."""
+    script = tmp_path / "prog.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing as mp, os, sharedkv
+            def child(q):
+                q.put(sharedkv.Store().url)
+            if __name__ == "__main__":
+                ctx = mp.get_context("forkserver")
+                q = ctx.Queue()
+                first = sharedkv.Store()
+                p = ctx.Process(target=child, args=(q,)); p.start(); p.join()
+                assert q.get() == first.url
+                first.close()
+                del os.environ["SHAREDKV_STORE"]
+                second = sharedkv.Store()  # the fork server still names the first one
+                p = ctx.Process(target=child, args=(q,)); p.start(); p.join()
+                print(q.get() == second.url)
+                second.close()
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert out.stdout.strip() == "True", out.stderr

@@ -177,11 +177,6 @@ def test_publication_order_across_channels_after_a_drop() -> None:
         assert [first.data, second.data] == ["first", "second"]  # type: ignore[union-attr]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the overflow flag is cleared before the feeds are told to re-read every channel: a "
-    "read in between serves a later channel's message first",
-)
 def test_publication_order_while_the_overflow_flag_is_cleared() -> None:
     # As above, but the subscriber reads just after its notifier thread cleared the overflow
     # flag and before it marked the feeds for a full re-read (the thread is preempted there).
@@ -217,11 +212,6 @@ s.close()
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a read woken for one channel takes that channel's newest messages, overtaking older "
-    "messages on channels whose wake-ups are not routed yet",
-)
 def test_publication_order_across_channels_with_wakeups_in_flight() -> None:
     # No wake-up is lost here: the notifier thread is only preempted between routing the
     # wake-up for "ch.x" and the one for "ch.y", and the subscriber reads in between.
@@ -253,35 +243,30 @@ def test_publication_order_across_channels_with_wakeups_in_flight() -> None:
 _ONE = "import sharedkv, sys; s = sharedkv.Store(sys.argv[1]); s.publish(sys.argv[2], sys.argv[3])"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="subscribe() registers interest before the process's socket is bound: a wake-up sent "
-    "in between is refused, and its message waits for the next wake-up on that channel",
-)
-def test_message_published_while_subscribing_is_not_held_back() -> None:
+def test_subscribe_listens_before_it_registers(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A wake-up sent to a registered process whose socket is not bound yet would be refused, and
+    # its message would wait for the next wake-up on that channel: bind first, then register.
+    from sharedkv._backends.shm import ShmBackend
+
     url = f"shm://{unique_name('bind')}"
     with sharedkv.Store(url) as store:
-        notifier: Any = store.backend._notifier  # type: ignore[attr-defined]
-        listen = notifier.listen
+        backend: Any = store.backend
+        seen: list[bool] = []
+        real = ShmBackend._add_interest
 
-        def late_listen() -> None:
-            # Interest is registered; another process publishes before the socket is bound.
-            subprocess.run([sys.executable, "-c", _ONE, url, "ch.a", "first"], check=True)
-            listen()
+        def add_interest(self: Any, w: Any, kind: bytes, pattern: str, delta: int) -> None:
+            seen.append(self._notifier.listening)
+            real(self, w, kind, pattern, delta)
 
-        notifier.listen = late_listen
+        monkeypatch.setattr(ShmBackend, "_add_interest", add_interest)
         sub = store.subscribe("ch.*")
-        subprocess.run([sys.executable, "-c", _ONE, url, "ch.b", "second"], check=True)
-        got = []
-        for _ in range(2):
-            try:
-                got.append(sub.get(timeout=1.5).data)  # type: ignore[union-attr]
-            except sharedkv.TimeoutError:
-                got.append("nothing")
+        watch = store.watch("k*")
+        assert seen and all(seen)
+        subprocess.run([sys.executable, "-c", _ONE, url, "ch.a", "first"], check=True)
+        assert sub.get(timeout=5).data == "first"  # type: ignore[union-attr]
         sub.close()
-        # The subscription's start is before "first" (it delivers it, sooner or later): it must
-        # deliver it at once, and before what the same publisher sent next.
-        assert got == ["first", "second"]
+        watch.close()
+        assert backend._notifier.listening
 
 
 _SUBSCRIBER = """

@@ -156,7 +156,10 @@ class Codec:
 
     def encode(self, value: Any) -> bytes:
         if type(value) is int:
-            return str(value).encode()
+            try:
+                return str(value).encode()
+            except ValueError as exc:  # longer than sys.get_int_max_str_digits()
+                raise SerializationError(f"cannot store this integer: {exc}") from exc
         try:
             data = self._dumps(value)
         except Exception as exc:
@@ -170,7 +173,7 @@ class Codec:
 
     def _decode_pickle(self, data: bytes, _loads: Callable[[bytes], Any] = pickle.loads) -> Any:
         # The default serializer's fast path: one byte test, then straight into pickle.
-        if data[0] == _PICKLE_TAG:
+        if data[:1] == b"\x80":
             try:
                 return _loads(data)
             except Exception as exc:
@@ -178,6 +181,8 @@ class Codec:
         return Codec.decode(self, data)
 
     def decode(self, data: bytes) -> Any:
+        if not data:
+            raise SerializationError("the stored value is empty: nothing sharedkv wrote")
         first = data[0]
         try:
             if first == self._tag:
@@ -197,5 +202,8 @@ def decode_int(data: bytes | None, what: str) -> int:
     if data is None:
         return 0
     if data[:1] and data[0] in _INT_FIRST_BYTES:
-        return int(data)
+        try:
+            return int(data)
+        except ValueError:
+            pass  # looks like a number, is not one: not written by incr or set
     raise TypeError(f"the value at {what} is not an integer")

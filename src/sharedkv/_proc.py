@@ -79,6 +79,22 @@ def is_alive(pid: int, start: int) -> bool:
     return start == 0 or now_start in (0, start)
 
 
+def ancestors(limit: int = 32) -> list[ProcessId]:
+    """This process's parent, grandparent, ... (nearest first), where /proc can tell."""
+    out: list[ProcessId] = []
+    pid = os.getppid()
+    while pid > 1 and len(out) < limit:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            break
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        out.append(ProcessId(pid, int(fields[19])))
+        pid = int(fields[1])
+    return out
+
+
 _current: ProcessId | None = None
 _current_lock = threading.Lock()
 

@@ -158,13 +158,22 @@ def release_backend(backend: Backend) -> None:
 def _open_default(options: dict[str, Any]) -> tuple[Backend, str]:
     from . import shm
 
+    # Which store is "ours": one named in the environment on purpose comes first, then the
+    # default store of our nearest ancestor, then whatever default the environment names.
     address = os.environ.get(ENV_VAR)
-    if address:
+    candidates = [address] if address and not shm.is_unnamed(address) else []
+    ancestor = shm.nearest_ancestor_store()
+    if ancestor:
+        candidates.append(ancestor)
+    if address and address not in candidates:
+        candidates.append(address)
+    for candidate in candidates:
         try:
-            return open_backend(_attach_only(address), options)
+            backend, url = open_backend(_attach_only(candidate), options)
         except StoreNotFoundError:
-            # The store named by the environment is gone (its tree exited): start a new tree.
-            pass
+            continue  # that tree has exited
+        os.environ[ENV_VAR] = url
+        return backend, url
     shm.sweep_stale()
     backend, url = _shared_shm({**options, "name": None})
     os.environ[ENV_VAR] = url

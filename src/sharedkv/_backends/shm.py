@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -41,7 +42,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -62,6 +63,8 @@ if sys.platform != "win32":
     import fcntl
 
 __all__ = ["ShmBackend", "list_stores", "root_dir"]
+
+log = logging.getLogger("sharedkv")
 
 # -- record format ---------------------------------------------------------------------
 _HEADER = struct.Struct("<BQd")  # flags, revision, expires_at (0.0 = never)
@@ -232,6 +235,13 @@ class _Write:
             self.hints[(token, kind + name)] = 1
 
 
+def _well_formed(raw: bytes) -> bool:
+    """Whether a data record has a header we can read (anything we wrote has)."""
+    if len(raw) < _HSIZE or raw[0] & ~(_F_EXPIRES | _F_EPHEMERAL):
+        return False
+    return not raw[0] & _F_EPHEMERAL or len(raw) >= _HSIZE + _TOKEN_SIZE
+
+
 def _read_counters(txn: Any, meta: Any) -> list[int]:
     raw = txn.get(b"ctr", db=meta)
     return list(_CTR.unpack(raw)) if raw else [0] * 5
@@ -374,6 +384,7 @@ class ShmBackend(Backend):
                 "name": self.name,
                 "url": self.url,
                 "creator": os.getpid(),
+                "creator_start": self._me.start,
                 "created": time.time(),
                 "keep": self.keep,
             }
@@ -534,6 +545,12 @@ class ShmBackend(Backend):
         return reached
 
     def _decode_record(self, kb: bytes, raw: bytes) -> Record | None:
+        """The live record, None when expired or orphaned; BackendError when damaged."""
+        if not _well_formed(raw):
+            raise BackendError(
+                f"the stored record of {kb[:60]!r} is damaged (written by something other "
+                "than sharedkv?); overwrite or delete the key"
+            )
         flags, rev, exp = _HEADER.unpack_from(raw)
         offset = _HSIZE
         if flags & _F_EXPIRES and exp <= time.time():
@@ -568,7 +585,7 @@ class ShmBackend(Backend):
         raw: bytes | None = self._env.begin(db=self._data).get(key.encode())
         if raw is None:
             return None
-        if raw[0] == 0:  # the common case: no expiry, not ephemeral
+        if raw and raw[0] == 0:  # the common case: no expiry, not ephemeral
             return raw[_HSIZE:]
         rec = self._decode_record(b"", raw)
         return None if rec is None else rec.value
@@ -594,18 +611,20 @@ class ShmBackend(Backend):
     def _live_raw(self, txn: Any, kb: bytes) -> bytes | None:
         """The stored record of ``kb`` if it is live; dead ones are removed on the way."""
         raw: bytes | None = txn.get(kb, db=self._data)
-        if raw is None or raw[0] == 0:
+        if raw is None or (raw[:1] == b"\0" and len(raw) >= _HSIZE):
             return raw
-        if self._decode_record(kb, raw) is None:
-            self._remove(txn, kb, raw)
+        if not _well_formed(raw) or self._decode_record(kb, raw) is None:
+            self._remove(txn, kb, raw)  # a damaged record is replaced like a dead one
             return None
         return raw
 
     def _remove(self, txn: Any, kb: bytes, raw: bytes, keep_record: bool = False) -> None:
         """Delete a record and its index entries (only the index entries with ``keep_record``)."""
-        flags, _, exp = _HEADER.unpack_from(raw)
         if not keep_record:
             txn.delete(kb, db=self._data)
+        if not _well_formed(raw):
+            return
+        flags, _, exp = _HEADER.unpack_from(raw)
         if flags & _F_EXPIRES:
             txn.delete(_be_expiry(exp) + kb, db=self._exp)
         if flags & _F_EPHEMERAL:
@@ -733,9 +752,9 @@ class ShmBackend(Backend):
                 key = kb.decode()
                 if pattern is not None and not fnmatchcase(key, pattern):
                     continue
-                if raw[0] == 0:
+                if raw[:1] == b"\0":
                     out.append((key, raw[_HSIZE:]))
-                else:
+                elif _well_formed(raw):  # a damaged record is left out of listings
                     rec = self._decode_record(kb, raw)
                     if rec is not None:
                         out.append((key, rec.value))
@@ -753,13 +772,20 @@ class ShmBackend(Backend):
             # Some keys may be expired or orphaned but not yet swept: count the live ones.
             cur = txn.cursor(db=self._data)
             return sum(
-                1 for kb, raw in cur if raw[0] == 0 or self._decode_record(kb, raw) is not None
+                1
+                for kb, raw in cur
+                if raw[:1] == b"\0"
+                or (_well_formed(raw) and self._decode_record(kb, raw) is not None)
             )
 
     def clear(self) -> None:
         with self._write() as w:
             cur = w.txn.cursor(db=self._data)
-            keys = [kb for kb, raw in cur if raw[0] == 0 or self._decode_record(kb, raw)]
+            keys = [
+                bytes(kb)
+                for kb, raw in cur
+                if raw[:1] == b"\0" or not _well_formed(raw) or self._decode_record(kb, raw)
+            ]
             w.txn.drop(self._data, delete=False)
             w.txn.drop(self._exp, delete=False)
             w.txn.drop(self._eph, delete=False)
@@ -786,7 +812,13 @@ class ShmBackend(Backend):
             kb = bytes(ek[8:])
             raw = w.txn.get(kb, db=self._data)
             cur.delete()
-            if raw is not None:
+            # Expire the record only if this index entry is really its expiry.
+            if (
+                raw is not None
+                and _well_formed(raw)
+                and raw[0] & _F_EXPIRES
+                and _HEADER.unpack_from(raw)[2] == _BEF.unpack_from(ek)[0]
+            ):
                 self._remove(w.txn, kb, raw)
                 w.changed(_OP_EXPIRE, kb, None, w.next_rev())
             removed += 1
@@ -1246,62 +1278,75 @@ class _MessageFeed(_ShmFeed):
         # Where each channel stood when we subscribed: later messages are ours, and any of
         # them trimmed before we read them are reported as a gap.
         self._cursors: dict[str, int] = {}
+        # Listen before registering: a message published in between must find our socket.
+        self._start()
         with backend._write() as w:
             self._register(w)
-            for ck, meta in w.txn.cursor(db=backend._chan):
-                channel = ck.decode()
-                if _notify.glob_matches(patterns, channel) is not None:
-                    self._cursors[channel] = _CHAN.unpack(meta)[0]
-        self._start()
+            for channel, meta in self._followed(w.txn):
+                self._cursors[channel] = _CHAN.unpack(meta)[0]
+
+    def _followed(self, txn: Any) -> Iterator[tuple[str, bytes]]:
+        """Every existing channel matching our patterns, with its meta record."""
+        b = self.backend
+        seen: set[str] = set()
+        for pattern in self.patterns:
+            prefix = _literal_prefix(pattern)
+            if len(prefix) == len(pattern.encode()):  # no wildcard: one channel
+                meta = txn.get(prefix, db=b._chan)
+                if meta is not None and pattern not in seen:
+                    seen.add(pattern)
+                    yield pattern, bytes(meta)
+                continue
+            cur = txn.cursor(db=b._chan)
+            if not cur.set_range(prefix):
+                continue
+            for ck, meta in cur:
+                if not ck.startswith(prefix):
+                    break
+                channel = bytes(ck).decode("utf-8", "replace")
+                if channel not in seen and fnmatchcase(channel, pattern):
+                    seen.add(channel)
+                    yield channel, bytes(meta)
 
     def fetch(self) -> list[Any]:
         dirty, everything = self._take_dirty()
         if not dirty and not everything:
             return []
-        b = self.backend
         events: list[tuple[int, Any]] = []
-        with b._env.begin() as txn:
-            # A wake-up lost to a full socket must not let another channel's later message
-            # overtake it: while our overflow flag is up, re-read every channel we follow.
-            if not everything and txn.get(b"ovf" + b._me.token, db=b._meta) is not None:
-                everything = True
-            if everything:
-                dirty = [
-                    k.decode()
-                    for k, _ in txn.cursor(db=b._chan)
-                    if _notify.glob_matches(self.patterns, k.decode())
-                ]
-            for channel in dirty:
+        # Read every followed channel, not only the one we were woken for, in one snapshot:
+        # a message of another channel whose wake-up is still in flight (or was lost to a full
+        # socket) is then never overtaken by a later one. Sorting by the store-wide message
+        # number restores publication order across channels.
+        with self.backend._env.begin() as txn:
+            for channel, meta in self._followed(txn):
                 pattern = _notify.glob_matches(self.patterns, channel)
-                if pattern is None:
-                    continue
-                self._read_channel(txn, channel, pattern, events)
-        events.sort(key=lambda e: e[0])  # global publish order across channels
+                if pattern is not None:
+                    self._read_channel(txn, channel, meta, pattern, events)
+        events.sort(key=lambda e: e[0])
         return [e for _, e in events]
 
     def _read_channel(
-        self, txn: Any, channel: str, pattern: str, events: list[tuple[int, Any]]
+        self, txn: Any, channel: str, meta: bytes, pattern: str, events: list[tuple[int, Any]]
     ) -> None:
         b = self.backend
-        cb = channel.encode()
-        meta = txn.get(cb, db=b._chan)
-        if meta is None:
-            return
         last, first, _ = _CHAN.unpack(meta)
         cursor = self._cursors.get(channel, 0)
-        shown = None if pattern == channel else pattern
         if cursor >= last:
             return
+        shown = None if pattern == channel else pattern
         if cursor + 1 < first:
             events.append((0, Gap(channel, cursor + 1, first - 1)))
         start = max(cursor + 1, first)
-        prefix = cb + b"\0"
+        prefix = channel.encode() + b"\0"
         cur = txn.cursor(db=b._msgs)
         if cur.set_range(prefix + _BE64.pack(start)):
             for mk, val in cur:
                 if not mk.startswith(prefix):
                     break
-                seq = _BE64.unpack_from(mk, len(prefix))[0]
+                seq = _BE64.unpack_from(mk, len(prefix))[0] if len(mk) == len(prefix) + 8 else 0
+                if seq == 0 or len(val) < 8:
+                    log.warning("sharedkv: skipping a malformed message record in %r", channel)
+                    continue  # reported as part of a gap below, if it held a sequence number
                 msgid = _U64.unpack_from(val)[0]
                 events.append((msgid, (channel, bytes(val[8:]), seq, shown)))
         self._cursors[channel] = last
@@ -1342,16 +1387,22 @@ class _WatchFeed(_ShmFeed):
                 return out
             first = True
             for hk, record in cur:
+                if len(hk) != 8:
+                    continue  # not a revision: nothing we wrote
                 rev = _BE64.unpack(hk)[0]
                 if first and rev > self._cursor + 1 and self._cursor > 0:
                     out.append(Gap("", self._cursor + 1, rev - 1))
                 first = False
-                (klen,) = struct.unpack_from("<H", record, 1)
-                key = bytes(record[3 : 3 + klen]).decode()
                 self._cursor = rev
+                try:
+                    (klen,) = _U16.unpack_from(record, 1)
+                    key = bytes(record[3 : 3 + klen]).decode()
+                    op = _OPS[bytes(record[:1])]
+                except (struct.error, UnicodeDecodeError, KeyError):
+                    log.warning("sharedkv: skipping a malformed history record at %d", rev)
+                    continue
                 if not (pattern == key or fnmatchcase(key, pattern)):
                     continue
-                op = _OPS[bytes(record[:1])]
                 value = bytes(record[3 + klen :]) if op == "set" else None
                 out.append((op, key, rev, value))
         return out
@@ -1443,6 +1494,40 @@ def _attached(path: str) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+_UNNAMED_RE = re.compile(r"^p\d+-[0-9a-f]{8}$")
+
+
+def is_unnamed(url: str) -> bool:
+    """Whether ``url`` is a process tree's default store (created by ``Store()``)."""
+    return url.startswith("shm://") and bool(_UNNAMED_RE.match(url[6:].split("?", 1)[0]))
+
+
+def nearest_ancestor_store() -> str | None:
+    """The default store created by this process's nearest ancestor, if any.
+
+    A child started by a fork server inherits the fork server's environment, not its
+    parent's, so the environment alone can name a stale store; the process tree cannot."""
+    root = root_dir()
+    try:
+        names = [n for n in os.listdir(root) if _UNNAMED_RE.match(n)]
+    except OSError:
+        return None
+    if not names:
+        return None
+    rank = {(p.pid, p.start): i for i, p in enumerate(_proc.ancestors())}
+    best: tuple[int, str] | None = None
+    for name in names:
+        try:
+            with open(os.path.join(root, name, "info.json")) as f:
+                info = json.load(f)
+        except (OSError, ValueError):
+            continue
+        i = rank.get((info.get("creator"), info.get("creator_start")))
+        if i is not None and (best is None or i < best[0]):
+            best = (i, str(info.get("url")))
+    return None if best is None else best[1]
 
 
 def sweep_stale(min_age: float = 5.0) -> list[str]:
