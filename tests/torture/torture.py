@@ -77,15 +77,7 @@ STORE_FILES = {"data.mdb", "lock.mdb", "attach.lock", "info.json"}
 # Open defects, each reproduced deterministically by an expected failure in tests/test_torture.py.
 # Their failures here are counted apart from violations, so that a run still proves everything
 # else; --strict counts them as violations. Remove an entry when its test passes.
-KNOWN_ISSUES = {
-    "cross-channel-order": (
-        "a subscriber can get a publisher's message on one channel before that publisher's "
-        "earlier message on another channel (test_torture.py: "
-        "test_publication_order_across_channels_with_wakeups_in_flight, "
-        "test_publication_order_while_the_overflow_flag_is_cleared, "
-        "test_message_published_while_subscribing_is_not_held_back)"
-    ),
-}
+KNOWN_ISSUES: dict[str, str] = {}
 
 WEIGHTS: dict[str, int] = {
     "set": 18, "get": 8, "del": 6, "pop": 3, "cas": 5, "exp": 2, "per": 2, "add": 4,
