@@ -20,6 +20,10 @@ With ``perf_counter_ns`` costing ~60 ns, a batch of >= 10 us keeps timer overhea
 Median and ops/s are then exact up to that overhead; p90/p99 are percentiles of *batch means*,
 so they smooth the tail of single operations whenever ``B > 1`` (with ``B = 1`` they are true
 per-operation percentiles). Scripts must use the same ``B`` for every peer they compare.
+
+On a shared or virtual machine, other work comes and goes; :func:`summarize_rounds` supports
+repeating each measurement in rounds interleaved across peers (round 1 of every peer, then
+round 2, ...) and reporting the median round, so a disturbance hits all peers alike.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -119,6 +123,24 @@ def summarize(samples: Samples, *, concurrent: bool = False) -> Stats:
         ops_per_s=samples.ops / (elapsed_ns / 1e9) if elapsed_ns else math.nan,
         ops=samples.ops,
     )
+
+
+def summarize_rounds(rounds: Sequence[Samples], *, concurrent: bool = False) -> Stats:
+    """Summary of one measurement repeated in several rounds.
+
+    Percentiles are over the samples of every round; ops/s is the median of the rounds' ops/s,
+    so one round disturbed by other work on the machine does not move it.
+    """
+    pooled = Samples()
+    for samples in rounds:
+        pooled.mean_ns.extend(samples.mean_ns)
+        pooled.batch_ops.extend(samples.batch_ops)
+        pooled.ops += samples.ops
+    stats = summarize(pooled)
+    rates = sorted(summarize(s, concurrent=concurrent).ops_per_s for s in rounds)
+    middle = len(rates) // 2
+    rate = rates[middle] if len(rates) % 2 else (rates[middle - 1] + rates[middle]) / 2
+    return replace(stats, ops_per_s=rate)
 
 
 def time_batches(
