@@ -356,8 +356,13 @@ class Store:
     # -- messaging -------------------------------------------------------------------------
     def publish(self, channel: str, data: Any) -> int:
         """Send ``data`` to every subscriber of ``channel``, in any process; returns how many
-        subscriptions it reached (0, cheaply, when there are none)."""
-        return self._live().publish(self._name(channel, "channel"), self._codec.encode(data))
+        subscriptions it reached. With no subscriber it returns 0 at once, without even
+        serializing ``data`` (so a value that cannot be serialized goes unnoticed there)."""
+        channel = self._name(channel, "channel")
+        backend = self._live()
+        if not backend.has_subscribers(channel):
+            return 0  # nobody listens: not even worth pickling the message
+        return backend.publish(channel, self._codec.encode(data))
 
     def subscribe(self, *patterns: str) -> Subscription:
         """A subscription to channels matching any of ``patterns`` (globs)."""

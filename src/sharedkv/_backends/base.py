@@ -260,6 +260,11 @@ class Backend(ABC):
     def publish(self, channel: str, payload: bytes) -> int:
         """Send ``payload`` to every subscription matching ``channel``; return how many."""
 
+    def has_subscribers(self, channel: str) -> bool:
+        """Whether a publish to ``channel`` could reach anyone; ``True`` when unsure. Lets a
+        publish to a channel nobody follows skip serializing its message."""
+        return True
+
     @abstractmethod
     def subscribe(self, patterns: Iterable[str]) -> Feed:
         """A feed of ``(channel, payload, seq, pattern)`` tuples and :class:`Gap` markers."""

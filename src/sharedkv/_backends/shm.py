@@ -535,7 +535,11 @@ class ShmBackend(Backend):
             else:
                 dead.add(token)
         if full:
-            # The receiver's socket buffer is full: flag it, so it re-reads everything it follows.
+            # The receiver's socket buffer is full: flag it, so it re-reads everything it
+            # follows. While a flag is already up there is nothing to write (a read is cheap).
+            with self._env.begin(db=self._meta) as txn:
+                full = {t for t in full if txn.get(b"ovf" + bytes.fromhex(t)) is None}
+        if full:
             with self._write() as w:
                 for token in full:
                     w.txn.put(b"ovf" + bytes.fromhex(token), b"1", db=self._meta)
@@ -999,6 +1003,13 @@ class ShmBackend(Backend):
                         self._reap(token)
 
     # -- messaging -------------------------------------------------------------------------
+    def has_subscribers(self, channel: str) -> bool:
+        if self._forks != _forks:
+            self._check()
+        with self._env.begin() as txn:
+            version = _read_counters(txn, self._meta)[IVER]
+            return bool(self._interested(txn, version, K_MESSAGE, channel))
+
     def publish(self, channel: str, payload: bytes) -> int:
         self._check()
         cb = channel.encode()
