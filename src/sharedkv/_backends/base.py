@@ -29,6 +29,7 @@ __all__ = [
     "Change",
     "Feed",
     "Gap",
+    "HintedFeed",
     "LockInfo",
     "Message",
     "Record",
@@ -178,6 +179,38 @@ class Feed(ABC):
         for wakeup in wakeups:
             if wakeup.active:
                 wakeup.callback()
+
+
+class HintedFeed(Feed):
+    """A feed told *which* names changed (a channel, a key): it collects them until the reader
+    takes them with :meth:`take_hints`, so a burst of wake-ups for one name is one read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._hinted: dict[str, None] = {}
+        self._everything = False
+
+    def hint(self, name: str | None) -> None:
+        """``name`` may have changed; ``None``: anything may have (re-read everything)."""
+        with self._cond:
+            if name is None:
+                self._everything = True
+            else:
+                self._hinted[name] = None
+        self.notify()
+
+    def take_hints(self) -> tuple[list[str], bool]:
+        """The names hinted since the last call, and whether everything must be re-read."""
+        with self._cond:
+            names, self._hinted = list(self._hinted), {}
+            everything, self._everything = self._everything, False
+        return names, everything
+
+    def restore_hints(self, names: list[str], everything: bool) -> None:
+        """Put hints back when a read failed, for the next fetch to retry."""
+        with self._cond:
+            self._hinted.update(dict.fromkeys(names))
+            self._everything = self._everything or everything
 
 
 class Backend(ABC):

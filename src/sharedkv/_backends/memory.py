@@ -18,7 +18,7 @@ from typing import Any
 from .._codec import decode_int
 from .._errors import ClosedError, RevisionTooOldError
 from ._notify import glob_matches
-from .base import Backend, Feed, Gap, LockInfo, Record
+from .base import Backend, Feed, Gap, HintedFeed, LockInfo, Record
 
 __all__ = ["MemoryBackend"]
 
@@ -374,27 +374,16 @@ class MemoryBackend(Backend):
             self._dropped += count
 
 
-class _MemFeed(Feed):
+class _MemFeed(HintedFeed):
     def __init__(self, backend: MemoryBackend, kind: str, patterns: tuple[str, ...]) -> None:
         super().__init__()
         self.backend = backend
         self.kind = kind
         self.patterns = patterns
-        self._dirty: dict[str | None, None] = {}
         backend._feeds.append(self)
 
-    def hint(self, name: str | None) -> None:
-        with self._cond:
-            self._dirty[name] = None
-        self.notify()
-
-    def _take_dirty(self) -> list[str | None]:
-        with self._cond:
-            dirty, self._dirty = list(self._dirty), {}
-        return dirty
-
     def fetch(self) -> list[Any]:
-        self._take_dirty()
+        self.take_hints()
         return []
 
     def close(self) -> None:
@@ -415,15 +404,14 @@ class _MemMessageFeed(_MemFeed):
         }
 
     def fetch(self) -> list[Any]:
-        dirty = self._take_dirty()
-        if not dirty:
+        dirty, everything = self.take_hints()
+        if not dirty and not everything:
             return []
         events: list[tuple[int, Any]] = []
         with self.backend._lock:
-            if None in dirty:
+            if everything:
                 dirty = list(self.backend._channels)
             for channel in dirty:
-                assert channel is not None
                 pattern = glob_matches(self.patterns, channel)
                 chan = self.backend._channels.get(channel)
                 if pattern is None or chan is None or not chan.log:
@@ -447,7 +435,8 @@ class _MemWatchFeed(_MemFeed):
         self._cursor = cursor
 
     def fetch(self) -> list[Any]:
-        if not self._take_dirty():
+        dirty, everything = self.take_hints()
+        if not dirty and not everything:
             return []
         pattern = self.patterns[0]
         out: list[Any] = []

@@ -75,7 +75,7 @@ from .._errors import (
     StoreFullError,
 )
 from ._notify import glob_matches
-from .base import Backend, Feed, Gap, LockInfo, Record
+from .base import Backend, Feed, Gap, HintedFeed, LockInfo, Record
 
 __all__ = ["RedisBackend"]
 
@@ -1868,7 +1868,7 @@ class _Listener:
 # =============================================================================================
 
 
-class _RedisFeed(Feed):
+class _RedisFeed(HintedFeed):
     """Hints from the background thread mark names dirty; ``fetch`` reads them from Redis."""
 
     def __init__(self, backend: RedisBackend, patterns: tuple[str, ...]) -> None:
@@ -1876,33 +1876,11 @@ class _RedisFeed(Feed):
         self.backend = backend
         self.patterns = patterns
         self.routes: list[bytes] = []  # Redis subscription names (kept by the listener)
-        self._dirty: dict[str, None] = {}
-        self._everything = False
 
     def deliver(self, data: bytes) -> bool:
         """A hint arrived (called by the background thread). True: a deadline was set."""
         self.hint(None)
         return False
-
-    def hint(self, name: str | None) -> None:
-        with self._cond:
-            if name is None:
-                self._everything = True
-            else:
-                self._dirty[name] = None
-        self.notify()
-
-    def _take_dirty(self) -> tuple[list[str], bool]:
-        with self._cond:
-            dirty, self._dirty = list(self._dirty), {}
-            everything, self._everything = self._everything, False
-        return dirty, everything
-
-    def _restore_dirty(self, dirty: list[str], everything: bool) -> None:
-        # A read failed (server away): keep the work for the next fetch.
-        with self._cond:
-            self._dirty.update(dict.fromkeys(dirty))
-            self._everything = self._everything or everything
 
     def close(self) -> None:
         if self.closed:
@@ -1941,7 +1919,7 @@ class _MessageFeed(_RedisFeed):
         return False
 
     def fetch(self) -> list[Any]:
-        dirty, everything = self._take_dirty()
+        dirty, everything = self.take_hints()
         if everything:
             dirty = list(dict.fromkeys([*dirty, *self._cursors]))
         wanted = [(c, p) for c in dirty if (p := glob_matches(self.patterns, c)) is not None]
@@ -1952,7 +1930,7 @@ class _MessageFeed(_RedisFeed):
                 self._check_restart()
             pages = self.backend.read_channels([(c, self._after(c)) for c, _ in wanted])
         except BaseException:
-            self._restore_dirty(dirty, everything)
+            self.restore_hints(dirty, everything)
             raise
         events: list[tuple[float, Any]] = []
         for (channel, pattern), entries in zip(wanted, pages, strict=True):
@@ -2005,7 +1983,7 @@ class _WatchFeed(_RedisFeed):
         return data[:1] == b"x"
 
     def fetch(self) -> list[Any]:
-        dirty, everything = self._take_dirty()
+        dirty, everything = self.take_hints()
         if not dirty and not everything:
             return []
         try:
@@ -2013,7 +1991,7 @@ class _WatchFeed(_RedisFeed):
                 self.cursor = 0  # the server restarted without its data: revisions start anew
             changes = self.backend.read_history(self.cursor)
         except BaseException:
-            self._restore_dirty(dirty, everything)
+            self.restore_hints(dirty, everything)
             raise
         pattern = self.patterns[0]
         out: list[Any] = []
@@ -2034,5 +2012,5 @@ class _WakeFeed(_RedisFeed):
         self.kind = kind
 
     def fetch(self) -> list[Any]:
-        self._take_dirty()
+        self.take_hints()
         return []

@@ -57,7 +57,7 @@ from .._errors import (
     StoreNotFoundError,
 )
 from . import _notify
-from .base import Backend, Feed, Gap, LockInfo, Record
+from .base import Backend, Feed, Gap, HintedFeed, LockInfo, Record
 
 if sys.platform != "win32":
     import fcntl
@@ -1226,7 +1226,7 @@ def _literal_prefix(pattern: str | None) -> bytes:
 
 
 # -- feeds -----------------------------------------------------------------------------------
-class _ShmFeed(Feed):
+class _ShmFeed(HintedFeed):
     """A feed registered with this process's notifier (and, for others, in the interest table)."""
 
     kind: bytes
@@ -1236,8 +1236,6 @@ class _ShmFeed(Feed):
         backend._check()
         self.backend = backend
         self.patterns = patterns
-        self._dirty: dict[str, None] = {}
-        self._all_dirty = False
 
     def _register(self, w: _Write) -> None:
         for pattern in self.patterns:
@@ -1252,20 +1250,6 @@ class _ShmFeed(Feed):
 
     def matches(self, kind: int, name: str) -> bool:
         return kind == self.kind[0] and _notify.glob_matches(self.patterns, name) is not None
-
-    def hint(self, name: str | None) -> None:
-        with self._cond:
-            if name is None:
-                self._all_dirty = True
-            else:
-                self._dirty[name] = None
-        self.notify()
-
-    def _take_dirty(self) -> tuple[list[str], bool]:
-        with self._cond:
-            dirty, self._dirty = list(self._dirty), {}
-            everything, self._all_dirty = self._all_dirty, False
-        return dirty, everything
 
     def close(self) -> None:
         if self.closed:
@@ -1320,7 +1304,7 @@ class _MessageFeed(_ShmFeed):
                     yield channel, bytes(meta)
 
     def fetch(self) -> list[Any]:
-        dirty, everything = self._take_dirty()
+        dirty, everything = self.take_hints()
         if not dirty and not everything:
             return []
         events: list[tuple[int, Any]] = []
@@ -1386,7 +1370,7 @@ class _WatchFeed(_ShmFeed):
             self.hint(None)
 
     def fetch(self) -> list[Any]:
-        dirty, everything = self._take_dirty()
+        dirty, everything = self.take_hints()
         if not dirty and not everything:
             return []
         b = self.backend
@@ -1470,7 +1454,7 @@ class _WakeFeed(_ShmFeed):
                     b._add_interest(w, self.kind, pattern, -1)
 
     def fetch(self) -> list[Any]:
-        self._take_dirty()
+        self.take_hints()
         return []
 
 
