@@ -341,9 +341,18 @@ class ShmBackend(Backend):
         deadline = time.monotonic() + _ATTACH_TIMEOUT
         lock_path = os.path.join(self.path, "attach.lock")
         while True:
-            if self._create:
-                with contextlib.suppress(FileExistsError):
-                    os.makedirs(self.path, mode=0o700)
+            if self._create and self.persistent:
+                os.makedirs(self.path, mode=0o700, exist_ok=True)
+            elif self._create:
+                # mkdir, not makedirs: if the (empty) root was just removed by a departing
+                # process, recreate it through _private_root, which makes it private again.
+                try:
+                    os.mkdir(self.path, 0o700)
+                except FileExistsError:
+                    pass
+                except FileNotFoundError:
+                    _private_root()
+                    continue
             try:
                 fd = os.open(lock_path, os.O_RDWR | (os.O_CREAT if self._create else 0), 0o600)
             except FileNotFoundError:
@@ -506,6 +515,9 @@ class ShmBackend(Backend):
                 except BlockingIOError:
                     return  # other processes are still attached
                 shutil.rmtree(self.path, ignore_errors=True)
+                if not self.persistent:
+                    with contextlib.suppress(OSError):  # only if no other store is left
+                        os.rmdir(os.path.dirname(self.path))
         finally:
             os.close(fd)
 
