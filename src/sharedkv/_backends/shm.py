@@ -41,7 +41,6 @@ import struct
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
@@ -106,7 +105,6 @@ def _count_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_count_fork)
-_live: weakref.WeakSet[ShmBackend] = weakref.WeakSet()
 
 
 def root_dir() -> str:
@@ -302,7 +300,6 @@ class ShmBackend(Backend):
         self._lock = threading.Lock()
         self._wlock = threading.Lock()
         self._open()
-        _live.add(self)
 
     # -- opening, forking, closing -------------------------------------------------------
     def _open(self) -> None:
@@ -490,7 +487,6 @@ class ShmBackend(Backend):
             if self._closed:
                 return
             self._closed = True
-        _live.discard(self)
         if self._pid != os.getpid():
             _orphans.append(self._env)
             self._notifier.abandon()
