@@ -60,6 +60,7 @@ KIND_LABELS = {"str": "small str", "dict": "10-field dict", "bytes100k": "100 Ki
 MIXED = "mixed 90/10"
 OPS = ("get", "set", MIXED)
 SHAREDKV = "sharedkv"
+SHAREDKV_UNCACHED = "sharedkv read_cache=0"
 MIXED_PROCS = 2
 MIXED_WRITE_EVERY = 10  # one set per 10 ops
 
@@ -273,6 +274,14 @@ def setup_peers(
         store = new_sharedkv_store()
         stack.callback(store.close)
         peers.append(SharedkvPeer(store))
+    if SHAREDKV_UNCACHED in wanted:
+        # The same engine with each process's read cache off: what every read costs when
+        # something commits between reads (a store under steady writes).
+        import sharedkv
+
+        store = sharedkv.Store(f"shm://bench-kv-uncached-{os.getpid()}", read_cache=0)
+        stack.callback(store.close)
+        peers.append(SharedkvPeer(store, SHAREDKV_UNCACHED))
     if "manager.dict" in wanted:
         manager = h.SPAWN.Manager()
         stack.callback(manager.shutdown)
@@ -458,11 +467,14 @@ def measure_in_process(store: Any, plan: Plan) -> list[h.Row]:
             return plain.get(key)
 
     memory_store = sharedkv.Store("memory://")
+    uncached = sharedkv.Store(f"shm://bench-kv-inproc-{os.getpid()}", read_cache=0)
     try:
         for key in keys:
             memory_store.set(key, value)
+            uncached.set(key, value)
         candidates = {
             "sharedkv": Client(store.get, store.set),
+            SHAREDKV_UNCACHED: Client(uncached.get, uncached.set),
             "sharedkv memory://": Client(memory_store.get, memory_store.set),
             "dict+Lock": Client(locked_get, plain.__setitem__),
         }
@@ -479,6 +491,7 @@ def measure_in_process(store: Any, plan: Plan) -> list[h.Row]:
         ]
     finally:
         memory_store.close()
+        uncached.close()
     return rows
 
 
@@ -764,7 +777,7 @@ class Report:
 # Main
 # --------------------------------------------------------------------------------------------
 
-ALL_PEERS = (SHAREDKV, "manager.dict", "redis-py", "diskcache", "lmdb (raw)")
+ALL_PEERS = (SHAREDKV, SHAREDKV_UNCACHED, "manager.dict", "redis-py", "diskcache", "lmdb (raw)")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

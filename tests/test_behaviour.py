@@ -599,3 +599,11 @@ def test_undecodable_message_fails_alone() -> None:
         with pytest.raises(sharedkv.SerializationError):
             sub.get(timeout=5)
         assert sub.get(timeout=5).data == [1, 2]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("bad", [-1, "big", 1.5, True])
+def test_bad_read_cache_option_is_refused(bad: object) -> None:
+    from .conftest import unique_name
+
+    with pytest.raises(ValueError, match="read_cache"):
+        sharedkv.Store(f"shm://{unique_name()}", read_cache=bad)

@@ -32,8 +32,8 @@ from .conftest import BACKENDS, unique_name
 
 slow = pytest.mark.skipif(not os.environ.get("SHAREDKV_SLOW"), reason="set SHAREDKV_SLOW=1")
 
-# The shared-memory record header (see src/sharedkv/_backends/shm.py): flags, revision, expiry.
-HEADER = struct.Struct("<BQd")
+# The shared-memory record trailer (see src/sharedkv/_backends/shm.py): revision, expiry, flags.
+TRAILER = struct.Struct("<QdB")
 
 
 # -- files are private to their user ------------------------------------------------------------
@@ -273,7 +273,7 @@ def test_fuzzed_values_give_clear_errors(serializer: Any) -> None:
             rounds += 1
             key = f"k{i % 4}"
             expiry = rng.choice([0.0, 0.0, time.time() + 100])
-            record = HEADER.pack(int(expiry > 0), 1, expiry) + _plausible_value(rng)
+            record = _plausible_value(rng) + TRAILER.pack(1, expiry, int(expiry > 0))
             _put_raw(store, "_data", key.encode(), record)
             for operation in rng.sample(_key_operations(store, key, incr=False), 4):
                 with contextlib.suppress(*ALLOWED):
@@ -289,7 +289,7 @@ def test_fuzzed_values_give_clear_errors(serializer: Any) -> None:
 @pytest.mark.parametrize("raw", [b"", b"-}", b"12x", b"7" * 5000 + b"\xff"])
 def test_malformed_values_give_clear_errors(raw: bytes) -> None:
     with sharedkv.Store(f"shm://{unique_name('fz')}") as store:
-        _put_raw(store, "_data", b"n", HEADER.pack(0, 1, 0.0) + raw)
+        _put_raw(store, "_data", b"n", raw + TRAILER.pack(1, 0.0, 0))
         with pytest.raises(SerializationError):
             store.get("n")
         with pytest.raises(ALLOWED):

@@ -339,3 +339,55 @@ def test_fork_server_started_before_the_store(tmp_path: Any) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
     )
     assert out.stdout.strip() == "True", out.stderr
+
+
+def _attach_and_read(url: str) -> None:
+    with sharedkv.Store(url) as store:
+        assert store.get("k") == 1
+
+
+def test_readers_stay_live_while_other_processes_attach() -> None:
+    # Every attach clears the LMDB reader slots of processes that look dead to it; a process
+    # that is alive must never look dead, or its next read would fail.
+    url = f"shm://{unique_name()}"
+    with sharedkv.Store(url) as store:
+        store.set("k", 1)
+        for _ in range(3):
+            assert store.get("k") == 1
+            assert store.get_entry("k") is not None
+            proc = multiprocessing.get_context("spawn").Process(
+                target=_attach_and_read, args=(url,)
+            )
+            proc.start()
+            proc.join(60)
+            assert proc.exitcode == 0
+            assert store.get("k") == 1 and store.get_entry("k") is not None
+            assert store.get_all() == {"k": 1}
+
+
+def _count_up(url: str, n: int) -> None:
+    with sharedkv.Store(url) as store:
+        for i in range(1, n + 1):
+            store.set("k", i)
+            store.set("other", -i)
+
+
+@pytest.mark.parametrize("read_cache", [32 << 20, 0], ids=["cached", "uncached"])
+def test_reads_see_every_commit_of_another_process(read_cache: int) -> None:
+    # Each process keeps the values it read until anything commits: reads must still move
+    # forward with every write of another process, never back, and end at its last write.
+    url = f"shm://{unique_name()}"
+    with sharedkv.Store(url, read_cache=read_cache) as store:
+        store.set("k", 0)
+        writer = multiprocessing.get_context("spawn").Process(target=_count_up, args=(url, 3000))
+        writer.start()
+        seen = [store.get("k")]
+        while writer.is_alive():
+            value = store.get("k")
+            assert value >= seen[-1], f"read {value} after {seen[-1]}"
+            if value != seen[-1]:
+                seen.append(value)
+        writer.join(60)
+        assert writer.exitcode == 0
+        assert store.get("k") == 3000 and store.get("other") == -3000
+        assert len(seen) > 2  # the reads did see the writer progress, not only its end

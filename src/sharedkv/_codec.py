@@ -153,6 +153,7 @@ class Codec:
         self._loads = serializer.loads
         if type(serializer) is PickleSerializer:
             self.decode = self._decode_pickle  # type: ignore[method-assign]
+            self.decode_trailed = self._decode_pickle_trailed  # type: ignore[method-assign]
 
     def encode(self, value: Any) -> bytes:
         if type(value) is int:
@@ -179,6 +180,21 @@ class Codec:
             except Exception as exc:
                 raise SerializationError(f"stored bytes could not be decoded: {exc}") from exc
         return Codec.decode(self, data)
+
+    def _decode_pickle_trailed(
+        self, data: bytes, trailer: int, _loads: Callable[[bytes], Any] = pickle.loads
+    ) -> Any:
+        # Pickle ignores the bytes after its STOP opcode, so a record's trailer can stay on.
+        if data[:1] == b"\x80" and len(data) > trailer:
+            try:
+                return _loads(data)
+            except Exception as exc:
+                raise SerializationError(f"stored bytes could not be decoded: {exc}") from exc
+        return Codec.decode(self, data[: len(data) - trailer] if trailer else data)
+
+    def decode_trailed(self, data: bytes, trailer: int) -> Any:
+        """Decode the value in ``data`` without its last ``trailer`` bytes (a record's metadata)."""
+        return self.decode(data[: len(data) - trailer] if trailer else data)
 
     def decode(self, data: bytes) -> Any:
         if not data:

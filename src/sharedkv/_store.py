@@ -77,6 +77,11 @@ class Store:
     of this user), ``"file:///dir"`` (on disk), ``"memory://"`` (this process only),
     ``"redis://host:port/db"``.
 
+    Options of shared-memory and file stores: ``read_cache`` (bytes each process may keep of
+    values it read, never stale; default 32 MiB, 0 turns it off), ``history``/``history_bytes``
+    (changes kept for ``watch(since=)``), ``buffer``/``buffer_bytes`` (messages kept per
+    channel for slow subscribers). See docs/architecture.md.
+
     >>> store = Store("memory://")
     >>> store.set("config", {"lang": "en"})
     True
@@ -96,6 +101,7 @@ class Store:
     ) -> None:
         self._codec = Codec(serializer)
         self._decode = self._codec.decode
+        self._decode_trailed = self._codec.decode_trailed
         self._options = options
         self._backend: Backend
         self._backend, self.url = open_backend(url, options)
@@ -188,8 +194,7 @@ class Store:
         plain = type(key) is str and key.isascii() and 0 < len(key) <= self._max_key
         if not plain or "\0" in key:
             key = self._check_key_slow(key)
-        raw = self._backend.get(key)
-        return default if raw is None else self._decode(raw)
+        return self._backend.get_decoded(key, self._decode_trailed, default)
 
     def get_entry(self, key: str) -> Entry | None:
         """The value with its revision and expiry, or ``None`` when absent."""

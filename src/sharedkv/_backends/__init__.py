@@ -97,7 +97,7 @@ def open_backend(url: str | None, options: dict[str, Any]) -> tuple[Backend, str
 
 def _shm_tuning(options: dict[str, Any]) -> dict[str, Any]:
     allowed = ("history", "history_bytes", "buffer", "buffer_bytes")
-    unknown = set(options) - set(allowed) - {"map_size", "keep", "create", "durable"}
+    unknown = set(options) - set(allowed) - {"map_size", "keep", "create", "durable", "read_cache"}
     if unknown:
         raise TypeError(f"unknown store option(s): {', '.join(sorted(unknown))}")
     return {k: v for k, v in options.items() if k in allowed}

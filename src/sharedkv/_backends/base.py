@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 __all__ = [
     "Backend",
     "Change",
+    "Decoder",
     "Feed",
     "Gap",
     "HintedFeed",
@@ -34,6 +35,10 @@ __all__ = [
     "Message",
     "Record",
 ]
+
+
+#: ``decode(data, trailer)``: the value stored in ``data`` without its last ``trailer`` bytes
+Decoder = Callable[[bytes, int], Any]
 
 
 class Record(NamedTuple):
@@ -281,6 +286,14 @@ class Backend(ABC):
     @abstractmethod
     def revision(self) -> int:
         """The store's current (latest) revision."""
+
+    def get_decoded(self, key: str, decode: Decoder, default: Any) -> Any:
+        """``decode(value, 0)`` for the value of ``key``, or ``default`` when it is absent.
+
+        The hot path of ``Store.get``. A backend whose records keep metadata after the value may
+        pass the whole record and the metadata's length instead of copying the value out."""
+        raw = self.get(key)
+        return default if raw is None else decode(raw, 0)
 
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [self.get(key) for key in keys]

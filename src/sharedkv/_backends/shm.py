@@ -12,7 +12,7 @@ directory: a flock is released by the kernel when its holder dies, so no guessin
 
 Named databases inside the environment::
 
-    data     key -> header + value          header = flags, revision, expiry[, owner]
+    data     key -> value [+ owner] + trailer   trailer = revision, expiry, flags (last byte)
     expiry   be64(expires_at) + key -> ""    for sweeping expired keys in order
     history  be64(revision) -> op, key, value   the last ``history`` changes, for watch(since=)
     meta     "ctr": revision, history bytes, interest version, messages published, dropped
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -56,7 +57,7 @@ from .._errors import (
     StoreNotFoundError,
 )
 from . import _notify
-from .base import Backend, Feed, Gap, HintedFeed, LockInfo, Record
+from .base import Backend, Decoder, Feed, Gap, HintedFeed, LockInfo, Record
 
 if sys.platform != "win32":
     import fcntl
@@ -66,8 +67,13 @@ __all__ = ["ShmBackend", "list_stores", "root_dir"]
 log = logging.getLogger("sharedkv")
 
 # -- record format ---------------------------------------------------------------------
-_HEADER = struct.Struct("<BQd")  # flags, revision, expires_at (0.0 = never)
-_HSIZE = _HEADER.size
+# A data record is the value, the owner's token for an ephemeral key, then a fixed trailer.
+# Metadata goes last so that a read needs no copy of the value: the flags byte is the last one
+# (0 for an ordinary key, tested first), and pickle ignores the bytes after its STOP opcode.
+_TRAILER = struct.Struct("<QdB")  # revision, expires_at (0.0 = never), flags
+_TSIZE = _TRAILER.size
+#: the record layout, kept in each store's info.json: a store written in another is refused
+FORMAT = 2
 _F_EXPIRES = 1
 _F_EPHEMERAL = 2
 _TOKEN_SIZE = _proc.TOKEN_SIZE
@@ -90,6 +96,11 @@ K_MESSAGE, K_KEY, K_QUEUE, K_LOCK = b"m", b"k", b"q", b"l"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEFAULT_MAP = 1 << 40
+# The 64-bit word of LMDB's lock file (lock.mdb) holding the last committed transaction id:
+# after a magic number, a format number and the readers' pthread mutex (40 bytes on Linux).
+_TXNID_WORD = 6
+# What one cached entry costs beyond its key and record: dict slot, tuple, object headers.
+_CACHE_ENTRY_OVERHEAD = 160
 _ATTACH_TIMEOUT = 10.0
 
 # Environments inherited through fork() must never be used or closed in the child (closing
@@ -138,6 +149,11 @@ def _be_expiry(expires_at: float) -> bytes:
     return _BEF.pack(expires_at)
 
 
+# Hot paths call py-lmdb with positional arguments -- get(key, default, db),
+# put(key, value, dupdata, overwrite, append, db), begin(db, parent, write) -- because its
+# keyword parsing costs about 0.1 us per call, a tenth of a whole read.
+
+
 class _Write:
     """One write transaction, plus the hints to send once it has committed.
 
@@ -160,7 +176,7 @@ class _Write:
         b._check()
         b._wlock.acquire()
         try:
-            self.txn = b._env.begin(write=True)
+            self.txn = b._begin(None, None, True)  # write=True
         except BaseException:
             b._wlock.release()
             raise
@@ -173,7 +189,7 @@ class _Write:
                 b._maybe_sweep(self)
                 if self.ctr_dirty:
                     assert self.ctr is not None
-                    self.txn.put(b"ctr", _CTR.pack(*self.ctr), db=b._meta)
+                    self.txn.put(b"ctr", _CTR.pack(*self.ctr), True, True, False, b._meta)
                 self.txn.commit()
             else:
                 self.txn.abort()
@@ -217,7 +233,7 @@ class _Write:
         ctr = self.ctr if self.ctr is not None else self.counters()
         if b._history > 0:
             record = op + _U16.pack(len(kb)) + kb + (value or b"")
-            self.txn.put(_BE64.pack(rev), record, db=b._hist, append=True)
+            self.txn.put(_BE64.pack(rev), record, True, True, True, b._hist)  # append=True
             ctr[HBYTES] += len(record)
             if rev % 64 == 0 or ctr[HBYTES] > b._history_bytes:
                 b._trim_history(self, rev)
@@ -234,14 +250,36 @@ class _Write:
 
 
 def _well_formed(raw: bytes) -> bool:
-    """Whether a data record has a header we can read (anything we wrote has)."""
-    if len(raw) < _HSIZE or raw[0] & ~(_F_EXPIRES | _F_EPHEMERAL):
+    """Whether a data record has a trailer we can read (anything we wrote has)."""
+    if len(raw) < _TSIZE or raw[-1] & ~(_F_EXPIRES | _F_EPHEMERAL):
         return False
-    return not raw[0] & _F_EPHEMERAL or len(raw) >= _HSIZE + _TOKEN_SIZE
+    return not raw[-1] & _F_EPHEMERAL or len(raw) >= _TSIZE + _TOKEN_SIZE
+
+
+def _trailer(raw: bytes) -> tuple[int, float, int]:
+    """Revision, expiry and flags of a well-formed record."""
+    return _TRAILER.unpack_from(raw, len(raw) - _TSIZE)
+
+
+def _owner(raw: bytes) -> bytes:
+    """The owner's token in the record of an ephemeral key."""
+    end = len(raw) - _TSIZE
+    return raw[end - _TOKEN_SIZE : end]
+
+
+def _ephemeral_of(raw: bytes, token: bytes) -> bool:
+    """Whether a record is an ephemeral key owned by ``token``."""
+    return _well_formed(raw) and bool(raw[-1] & _F_EPHEMERAL) and _owner(raw) == token
+
+
+def _value(raw: bytes) -> bytes:
+    """The value in a well-formed record."""
+    end = len(raw) - _TSIZE
+    return raw[: end - _TOKEN_SIZE] if raw[-1] & _F_EPHEMERAL else raw[:end]
 
 
 def _read_counters(txn: Any, meta: Any) -> list[int]:
-    raw = txn.get(b"ctr", db=meta)
+    raw = txn.get(b"ctr", None, meta)
     return list(_CTR.unpack(raw)) if raw else [0] * 5
 
 
@@ -270,6 +308,7 @@ class ShmBackend(Backend):
         buffer: int = 1024,
         buffer_bytes: int = 64 << 20,
         durable: bool = False,
+        read_cache: int = 32 << 20,
     ) -> None:
         if path is None:
             if name is None:
@@ -296,6 +335,9 @@ class ShmBackend(Backend):
         self._buffer = max(1, buffer)
         self._buffer_bytes = buffer_bytes
         self._create = create
+        if isinstance(read_cache, bool) or not isinstance(read_cache, int) or read_cache < 0:
+            raise ValueError(f"read_cache must be a number of bytes >= 0, not {read_cache!r}")
+        self._read_cache_budget = read_cache
         self._closed = False
         self._lock = threading.Lock()
         self._wlock = threading.Lock()
@@ -313,6 +355,7 @@ class ShmBackend(Backend):
         except BaseException:
             os.close(self._attach_fd)
             raise
+        self._open_read_cache()
         self._reg_version = -1
         self._reg: list[tuple[bytes, str, str, int]] = []  # kind, pattern, token, count
         self._match_cache: dict[tuple[bytes, str], dict[str, int]] = {}
@@ -393,6 +436,7 @@ class ShmBackend(Backend):
                 "creator_start": self._me.start,
                 "created": time.time(),
                 "keep": self.keep,
+                "format": FORMAT,
             }
             tmp = f"{info_path}.{os.getpid()}.tmp"
             with open(tmp, "w") as f:
@@ -403,6 +447,13 @@ class ShmBackend(Backend):
             os.unlink(tmp)
         with open(info_path) as f:
             info = json.load(f)
+        if info.get("format") != FORMAT:
+            os.close(fd)
+            raise BackendError(
+                f"the store at {self.url} was written by a sharedkv with another record format "
+                f"({info.get('format', 1)}, this one reads {FORMAT}); copy its data with that "
+                "version, or remove it"
+            )
         self._store_id = info["id"]
         self.keep = bool(info.get("keep", False)) or self.keep
         return fd
@@ -438,6 +489,7 @@ class ShmBackend(Backend):
         except lmdb.Error as exc:
             raise BackendError(f"cannot open the store at {self.path}: {exc}") from exc
         env = self._env
+        self._begin = env.begin
         with env.begin(write=True) as txn:
             self._data = env.open_db(b"data", txn=txn)
             self._exp = env.open_db(b"expiry", txn=txn)
@@ -455,10 +507,62 @@ class ShmBackend(Backend):
         # Names become LMDB keys with a suffix: NUL + owner (12) + acquisition id (8) for locks.
         self.max_name_bytes = self.max_key_bytes - 21
 
+    def _open_read_cache(self) -> None:
+        """Find the word of LMDB's lock file that names the snapshot a new reader gets.
+
+        LMDB writers store the id of each committed transaction there, and every read
+        transaction starts from the snapshot it names; so a value read in snapshot ``t`` is what
+        any read would return for as long as that word still says ``t``. The layout of the lock
+        file is LMDB's business, not ours: it is checked against ``env.info()`` around a
+        committed write, and the cache stays off where it does not match.
+
+        Closing any descriptor of lock.mdb would drop the fcntl locks by which LMDB tells other
+        processes that this one is alive, so the file stays open until LMDB's handle is closed.
+        """
+        self._cache: dict[str, tuple[int, bytes | None]] = {}
+        self._cache_size = 0
+        self._txnid: memoryview | None = None  # the cache is on when this is set
+        self._words: memoryview | None = None
+        self._lockmap: mmap.mmap | None = None
+        self._lockfd = -1
+        if self._read_cache_budget <= 0:
+            return
+        try:
+            self._lockfd = os.open(os.path.join(self.path, "lock.mdb"), os.O_RDONLY | os.O_CLOEXEC)
+            self._lockmap = mmap.mmap(self._lockfd, mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+        except (OSError, ValueError):
+            return
+        self._words = words = memoryview(self._lockmap).cast("Q")
+        for _ in range(3):  # another process's commit in between spoils a check: try again
+            before = self._env.info()["last_txnid"]
+            if words[_TXNID_WORD] != before:
+                continue
+            with self._env.begin(write=True, db=self._meta) as txn:
+                txn.put(b"probe", _U64.pack(before))
+            after = self._env.info()["last_txnid"]
+            if after == before + 1 and words[_TXNID_WORD] == after:
+                self._txnid = words
+                return
+
+    def _close_read_cache(self) -> None:
+        """Drop the cache; only once LMDB's handle is closed (or was inherited through fork)."""
+        self._cache = {}
+        self._txnid = None
+        if self._words is not None:
+            self._words.release()
+            self._words = None
+        if self._lockmap is not None:
+            self._lockmap.close()
+            self._lockmap = None
+        if self._lockfd >= 0:
+            os.close(self._lockfd)
+            self._lockfd = -1
+
     def _after_fork(self) -> None:
         """In a forked child: abandon the parent's handles, then attach anew."""
         _orphans.append(self._env)
         self._notifier.abandon()
+        self._close_read_cache()  # our own mapping of the parent's file: still valid, reopened
         inherited = list(self._feeds)
         with contextlib.suppress(OSError):
             os.close(self._attach_fd)  # our copy only; the parent keeps its own
@@ -494,12 +598,14 @@ class ShmBackend(Backend):
         for feed in list(self._feeds):
             feed.close()
         self._notifier.close()
+        self._txnid = None  # reads of a closing store go to LMDB, which refuses them
         try:
             if self._registered:
                 self._reap(self._me.token)
         except Exception:  # the store stays consistent; stale entries are reaped by others
             pass
         self._env.close()
+        self._close_read_cache()
         self._detach()
 
     def _detach(self) -> None:
@@ -563,16 +669,12 @@ class ShmBackend(Backend):
                 f"the stored record of {kb[:60]!r} is damaged (written by something other "
                 "than sharedkv?); overwrite or delete the key"
             )
-        flags, rev, exp = _HEADER.unpack_from(raw)
-        offset = _HSIZE
+        rev, exp, flags = _trailer(raw)
         if flags & _F_EXPIRES and exp <= time.time():
             return None
-        if flags & _F_EPHEMERAL:
-            owner = raw[_HSIZE : _HSIZE + _TOKEN_SIZE]
-            offset += _TOKEN_SIZE
-            if not self._owner_alive(owner):
-                return None
-        return Record(raw[offset:], rev, exp if flags & _F_EXPIRES else None)
+        if flags & _F_EPHEMERAL and not self._owner_alive(_owner(raw)):
+            return None
+        return Record(_value(raw), rev, exp if flags & _F_EXPIRES else None)
 
     def _owner_alive(self, token: bytes) -> bool:
         # Asked of the OS on every read of an ephemeral key (a few microseconds), so the key
@@ -590,17 +692,55 @@ class ShmBackend(Backend):
 
     # -- key-value ------------------------------------------------------------------------
     def get(self, key: str) -> bytes | None:
-        # The hot path: a fork check that costs a global read, one read transaction that
-        # py-lmdb ends when it is dropped, and a flags byte that is 0 for ordinary keys.
         if self._forks != _forks:
             self._check()
-        raw: bytes | None = self._env.begin(db=self._data).get(key.encode())
+        raw: bytes | None = self._begin().get(key.encode(), None, self._data)
         if raw is None:
             return None
-        if raw and raw[0] == 0:  # the common case: no expiry, not ephemeral
-            return raw[_HSIZE:]
+        if raw[-1:] == b"\0" and len(raw) >= _TSIZE:  # no expiry, not ephemeral
+            return raw[:-_TSIZE]
         rec = self._decode_record(b"", raw)
         return None if rec is None else rec.value
+
+    def get_decoded(self, key: str, decode: Decoder, default: Any) -> Any:
+        # The hottest path of the library. A fork check that costs a global read; then this
+        # process's read cache, whose entries are valid while no transaction has committed since
+        # they were read (see _open_read_cache); else one read transaction that py-lmdb ends when
+        # it is dropped. A flags byte of 0 marks an ordinary key, and the value is decoded in
+        # place, not copied out.
+        if self._forks != _forks:
+            self._check()
+        words = self._txnid
+        if words is None:
+            raw: bytes | None = self._begin().get(key.encode(), None, self._data)
+        else:
+            snapshot = words[_TXNID_WORD]
+            entry = self._cache.get(key)
+            if entry is not None and entry[0] == snapshot:
+                raw = entry[1]
+            else:
+                raw = self._read_through(key, snapshot)
+        if raw is None:
+            return default
+        if raw[-1:] == b"\0" and len(raw) >= _TSIZE:
+            return decode(raw, _TSIZE)
+        rec = self._decode_record(b"", raw)  # expiry and owners are checked on every read
+        return default if rec is None else decode(rec.value, 0)
+
+    def _read_through(self, key: str, snapshot: int) -> bytes | None:
+        txn = self._begin()
+        raw: bytes | None = txn.get(key.encode(), None, self._data)
+        # Kept only if no commit came in between, and if small: a large value would push out
+        # many small ones, and a copy of it costs little next to decoding it.
+        size = 0 if raw is None else len(raw)
+        if txn.id() == snapshot and size <= self._read_cache_budget >> 6:
+            cost = len(key) + size + _CACHE_ENTRY_OVERHEAD
+            if self._cache_size + cost > self._read_cache_budget:
+                self._cache = {}  # simpler and cheaper than LRU bookkeeping on every hit
+                self._cache_size = 0
+            self._cache[key] = (snapshot, raw)
+            self._cache_size += cost
+        return raw
 
     def get_record(self, key: str) -> Record | None:
         self._check()
@@ -622,8 +762,8 @@ class ShmBackend(Backend):
 
     def _live_raw(self, txn: Any, kb: bytes) -> bytes | None:
         """The stored record of ``kb`` if it is live; dead ones are removed on the way."""
-        raw: bytes | None = txn.get(kb, db=self._data)
-        if raw is None or (raw[:1] == b"\0" and len(raw) >= _HSIZE):
+        raw: bytes | None = txn.get(kb, None, self._data)
+        if raw is None or (raw[-1:] == b"\0" and len(raw) >= _TSIZE):
             return raw
         if not _well_formed(raw) or self._decode_record(kb, raw) is None:
             self._remove(txn, kb, raw)  # a damaged record is replaced like a dead one
@@ -636,11 +776,11 @@ class ShmBackend(Backend):
             txn.delete(kb, db=self._data)
         if not _well_formed(raw):
             return
-        flags, _, exp = _HEADER.unpack_from(raw)
+        _, exp, flags = _trailer(raw)
         if flags & _F_EXPIRES:
             txn.delete(_be_expiry(exp) + kb, db=self._exp)
         if flags & _F_EPHEMERAL:
-            txn.delete(raw[_HSIZE : _HSIZE + _TOKEN_SIZE] + kb, db=self._eph)
+            txn.delete(_owner(raw) + kb, db=self._eph)
 
     def _put(
         self,
@@ -653,8 +793,8 @@ class ShmBackend(Backend):
         keep_expiry: bool = False,
     ) -> int:
         txn = w.txn
-        if old is not None and old[0]:
-            flags, _, old_exp = _HEADER.unpack_from(old)
+        if old is not None and old[-1]:
+            _, old_exp, flags = _trailer(old)
             if keep_expiry and flags & _F_EXPIRES:
                 ttl = old_exp - time.time()
             self._remove(txn, kb, old, keep_record=True)  # the put below replaces the record
@@ -672,7 +812,7 @@ class ShmBackend(Backend):
             owner = self._me.token
             txn.put(owner + kb, b"", db=self._eph)
             self._register_process(txn)
-        txn.put(kb, _HEADER.pack(flags, rev, exp) + owner + value, db=self._data)
+        txn.put(kb, value + owner + _TRAILER.pack(rev, exp, flags), True, True, False, self._data)
         w.changed(_OP_SET, kb, value, rev)
         return rev
 
@@ -689,7 +829,7 @@ class ShmBackend(Backend):
         with self._write() as w:
             old = self._live_raw(w.txn, kb)
             if if_revision is not None:
-                current = 0 if old is None else _HEADER.unpack_from(old)[1]
+                current = 0 if old is None else _trailer(old)[0]
                 if current != if_revision:
                     return 0
             return self._put(w, kb, value, old, ttl, ephemeral)
@@ -708,7 +848,7 @@ class ShmBackend(Backend):
             old = self._live_raw(w.txn, kb)
             if old is None:
                 return False
-            if if_revision is not None and _HEADER.unpack_from(old)[1] != if_revision:
+            if if_revision is not None and _trailer(old)[0] != if_revision:
                 return False
             self._remove(w.txn, kb, old)
             w.changed(_OP_DELETE, kb, None, w.next_rev())
@@ -742,7 +882,7 @@ class ShmBackend(Backend):
             old = self._live_raw(w.txn, kb)
             if old is None:
                 return False
-            flags, _, _ = _HEADER.unpack_from(old)
+            flags = old[-1]
             if ttl is None and not flags & _F_EXPIRES:
                 return True
             rec = self._decode_record(kb, old)
@@ -764,8 +904,8 @@ class ShmBackend(Backend):
                 key = kb.decode()
                 if pattern is not None and not fnmatchcase(key, pattern):
                     continue
-                if raw[:1] == b"\0":
-                    out.append((key, raw[_HSIZE:]))
+                if raw[-1:] == b"\0" and len(raw) >= _TSIZE:
+                    out.append((key, raw[:-_TSIZE]))
                 elif _well_formed(raw):  # a damaged record is left out of listings
                     rec = self._decode_record(kb, raw)
                     if rec is not None:
@@ -786,7 +926,7 @@ class ShmBackend(Backend):
             return sum(
                 1
                 for kb, raw in cur
-                if raw[:1] == b"\0"
+                if (raw[-1:] == b"\0" and len(raw) >= _TSIZE)
                 or (_well_formed(raw) and self._decode_record(kb, raw) is not None)
             )
 
@@ -796,7 +936,7 @@ class ShmBackend(Backend):
             keys = [
                 bytes(kb)
                 for kb, raw in cur
-                if raw[:1] == b"\0" or not _well_formed(raw) or self._decode_record(kb, raw)
+                if not _well_formed(raw) or self._decode_record(kb, raw)
             ]
             w.txn.drop(self._data, delete=False)
             w.txn.drop(self._exp, delete=False)
@@ -828,8 +968,8 @@ class ShmBackend(Backend):
             if (
                 raw is not None
                 and _well_formed(raw)
-                and raw[0] & _F_EXPIRES
-                and _HEADER.unpack_from(raw)[2] == _BEF.unpack_from(ek)[0]
+                and raw[-1] & _F_EXPIRES
+                and _trailer(raw)[1] == _BEF.unpack_from(ek)[0]
             ):
                 self._remove(w.txn, kb, raw)
                 w.changed(_OP_EXPIRE, kb, None, w.next_rev())
@@ -843,11 +983,12 @@ class ShmBackend(Backend):
         cutoff = _BE64.pack(max(0, rev - self._history))
         newest = _BE64.pack(rev)
         cur = w.txn.cursor(db=self._hist)
-        while cur.first() and (cur.key() <= cutoff or ctr[HBYTES] > self._history_bytes):
-            if cur.key() == newest:
-                break  # always keep the change just made
+        key = cur.key() if cur.first() else b""
+        # Never the change just made; delete() moves the cursor on to the next record.
+        while key and key != newest and (key <= cutoff or ctr[HBYTES] > self._history_bytes):
             ctr[HBYTES] -= len(cur.value())
             cur.delete()
+            key = cur.key()
 
     def _next_expiry(self) -> float | None:
         with self._env.begin(db=self._exp) as txn:
@@ -928,7 +1069,7 @@ class ShmBackend(Backend):
             for kb in keys:
                 txn.delete(token + kb, db=self._eph)
                 raw = txn.get(kb, db=self._data)
-                if raw is not None and raw[_HSIZE : _HSIZE + _TOKEN_SIZE] == token:
+                if raw is not None and _ephemeral_of(raw, token):
                     self._remove(txn, kb, raw)
                     w.changed(_OP_DELETE, kb, None, w.next_rev())
             txn.delete(token, db=self._procs)
