@@ -99,8 +99,9 @@ _DEFAULT_MAP = 1 << 40
 # The 64-bit word of LMDB's lock file (lock.mdb) holding the last committed transaction id:
 # after a magic number, a format number and the readers' pthread mutex (40 bytes on Linux).
 _TXNID_WORD = 6
-# What one cached entry costs beyond its key and record: dict slot, tuple, object headers.
-_CACHE_ENTRY_OVERHEAD = 160
+# What one cached entry costs beyond its key and record: dict slot and object headers.
+_CACHE_ENTRY_OVERHEAD = 100
+_UNCACHED: Any = object()
 _ATTACH_TIMEOUT = 10.0
 
 # Environments inherited through fork() must never be used or closed in the child (closing
@@ -519,7 +520,7 @@ class ShmBackend(Backend):
         Closing any descriptor of lock.mdb would drop the fcntl locks by which LMDB tells other
         processes that this one is alive, so the file stays open until LMDB's handle is closed.
         """
-        self._cache: dict[str, tuple[int, bytes | None]] = {}
+        self._cache: tuple[int, dict[str, bytes | None]] = (-1, {})
         self._cache_size = 0
         self._txnid: memoryview | None = None  # the cache is on when this is set
         self._words: memoryview | None = None
@@ -546,7 +547,7 @@ class ShmBackend(Backend):
 
     def _close_read_cache(self) -> None:
         """Drop the cache; only once LMDB's handle is closed (or was inherited through fork)."""
-        self._cache = {}
+        self._cache = (-1, {})
         self._txnid = None
         if self._words is not None:
             self._words.release()
@@ -712,14 +713,12 @@ class ShmBackend(Backend):
             self._check()
         words = self._txnid
         if words is None:
-            raw: bytes | None = self._begin().get(key.encode(), None, self._data)
+            raw: Any = self._begin().get(key.encode(), None, self._data)
         else:
-            snapshot = words[_TXNID_WORD]
-            entry = self._cache.get(key)
-            if entry is not None and entry[0] == snapshot:
-                raw = entry[1]
-            else:
-                raw = self._read_through(key, snapshot)
+            snapshot, cache = self._cache
+            raw = cache.get(key, _UNCACHED) if snapshot == words[_TXNID_WORD] else _UNCACHED
+            if raw is _UNCACHED:
+                raw = self._read_through(key, snapshot, cache)
         if raw is None:
             return default
         if raw[-1:] == b"\0" and len(raw) >= _TSIZE:
@@ -727,18 +726,28 @@ class ShmBackend(Backend):
         rec = self._decode_record(b"", raw)  # expiry and owners are checked on every read
         return default if rec is None else decode(rec.value, 0)
 
-    def _read_through(self, key: str, snapshot: int) -> bytes | None:
+    def _read_through(
+        self, key: str, snapshot: int, cache: dict[str, bytes | None]
+    ) -> bytes | None:
+        """Read ``key`` from LMDB and keep it in the cache of the snapshot it was read in.
+
+        The cache is one dict per snapshot, replaced whole when the store moves on, so every
+        entry of a dict was read in its snapshot even when threads race to replace it."""
         txn = self._begin()
         raw: bytes | None = txn.get(key.encode(), None, self._data)
-        # Kept only if no commit came in between, and if small: a large value would push out
-        # many small ones, and a copy of it costs little next to decoding it.
+        read_in = txn.id()
         size = 0 if raw is None else len(raw)
-        if txn.id() == snapshot and size <= self._read_cache_budget >> 6:
-            cost = len(key) + size + _CACHE_ENTRY_OVERHEAD
-            if self._cache_size + cost > self._read_cache_budget:
-                self._cache = {}  # simpler and cheaper than LRU bookkeeping on every hit
-                self._cache_size = 0
-            self._cache[key] = (snapshot, raw)
+        # A large value would push out many small ones, and copying it out of LMDB costs little
+        # next to unpickling it, so it is not kept.
+        keep = size <= self._read_cache_budget >> 10
+        cost = len(key) + size + _CACHE_ENTRY_OVERHEAD
+        if read_in != snapshot or self._cache_size + cost > self._read_cache_budget:
+            # Something committed (or the budget is spent: dropping everything is simpler and
+            # cheaper than LRU bookkeeping on every hit). Start the new snapshot's cache.
+            self._cache = (read_in, {key: raw} if keep else {})
+            self._cache_size = cost if keep else 0
+        elif keep:
+            cache[key] = raw
             self._cache_size += cost
         return raw
 
