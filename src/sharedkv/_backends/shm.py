@@ -1067,9 +1067,15 @@ class ShmBackend(Backend):
     def queue_put(self, name: str, item: bytes, maxsize: int) -> bool:
         return self._queue_append(name, (item,), maxsize)
 
+    def queue_put_many(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
+        return self._queue_append(name, items, maxsize)
+
     def queue_get(self, name: str) -> bytes | None:
         taken = self._queue_take(name, 1)
         return taken[0] if taken else None
+
+    def queue_get_many(self, name: str, max_items: int) -> list[bytes]:
+        return self._queue_take(name, max_items)
 
     def _queue_append(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
         if self._forks != _forks or self._closed:
