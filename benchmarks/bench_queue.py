@@ -1,6 +1,6 @@
 """Queue and origin-API benchmark: sharedkv against multiprocessing.Queue and Redis lists.
 
-Run from the repository root (full run: about a minute on 2 cores)::
+Run from the repository root (full run: about two minutes on 2 cores)::
 
     .venv/bin/python benchmarks/bench_queue.py
     .venv/bin/python benchmarks/bench_queue.py --quick          # smoke test, < 30 s
@@ -13,14 +13,25 @@ What is measured, all in one run on one machine, from SPAWNED CHILD PROCESSES:
   so both see the same machine state; the bar compares median batch times.
 * Queue throughput between two processes: one producer child puts N items, one consumer child
   gets them; items/s = N / (consumer's last get - producer's first put), both read from the
-  system-wide monotonic clock. Peers: ``Store.queue`` on shared memory, the same through
-  ``sharedkv.liteyuki.Channel``, ``multiprocessing.Queue`` and Redis ``LPUSH``/``BRPOP`` via
-  redis-py (a private ``redis-server`` on 127.0.0.1 with ``--save ''``, stopped by pid; skipped
-  when the binary is missing). Every peer pickles items.
-* Queue latency between two processes: ping-pong over two queues; one-way latency is half a
-  round trip. p50/p99 are of single round trips.
+  system-wide monotonic clock. Each peer runs in several rounds, interleaved with the other
+  peers' rounds so that other work on the machine hits them alike; the median round is shown.
+  Every peer pickles every item (the small item is a tuple: sharedkv stores a bare int as
+  decimal text, which would skip pickling).
 
-Ratios are sharedkv ops/s divided by the peer's (> 1: sharedkv faster).
+  - One item per call: ``Store.queue`` ``put``/``get`` on shared memory, the same through
+    ``sharedkv.liteyuki.Channel``, ``multiprocessing.Queue`` and Redis ``LPUSH``/``BRPOP`` via
+    redis-py (a private ``redis-server`` on 127.0.0.1 with ``--save ''``, stopped by pid;
+    skipped when the binary is missing).
+  - Batches of ``BATCH`` items per call: ``put_many``/``get_many``, Redis ``LPUSH`` with many
+    values / ``BLMPOP ... COUNT`` (the blocking form of ``RPOP key count``), and, for reference,
+    ``multiprocessing.Queue`` carrying one list per ``put`` (it has no batch API; the batch is
+    then one pickle, and a consumer takes the whole list or nothing).
+
+* Queue latency between two processes: ping-pong over two queues, one item per call; one-way
+  latency is half a round trip. p50/p99 are of single round trips.
+
+Ratios are sharedkv ops/s divided by the peer's (> 1: sharedkv faster), within each group of
+rows with the same operation and item.
 """
 
 from __future__ import annotations
@@ -31,11 +42,13 @@ import math
 import os
 import pickle
 import shlex
+import statistics
 import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +57,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 
 SHAREDKV = "sharedkv queue"
+SHAREDKV_BATCH = "sharedkv put_many/get_many"
 CHANNEL = "sharedkv Channel"
 MPQUEUE = "multiprocessing.Queue"
+MPQUEUE_LISTS = "multiprocessing.Queue, a list per put"
 REDIS = "redis LPUSH/BRPOP"
-STOP = -1  # the ping-pong end marker
-SIZES: dict[str, Any] = {"small": 7, "1 KiB": b"x" * 1024}  # small: an int, the smallest item
+REDIS_BATCH = "redis LPUSH many/BLMPOP COUNT"
+STOP = ("stop", -1)  # the ping-pong end marker
+SIZES: dict[str, Any] = {"small": ("job", 7), "1 KiB": b"x" * 1024}
+BATCH = 100  # items per put_many/get_many (and per list, per LPUSH, per BLMPOP)
+PER_ITEM = "put->get throughput"
+BATCHED = f"put->get throughput, batches of {BATCH}"
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,8 @@ class Plan:
     kv_duration_s: float
     kv_rounds: int
     kv_batch: int
-    items: int  # per throughput run
+    items: int  # per throughput run (a multiple of BATCH)
+    rounds: int  # throughput runs per peer and size, interleaved across peers
     round_trips: int
     sizes: tuple[str, ...]
 
@@ -67,6 +87,7 @@ class Plan:
             kv_rounds=3,
             kv_batch=100,
             items=50_000,
+            rounds=3,
             round_trips=3_000,
             sizes=("small", "1 KiB"),
         )
@@ -74,7 +95,7 @@ class Plan:
     @classmethod
     def quick(cls) -> Plan:
         return replace(
-            cls.full(), kv_duration_s=0.1, kv_rounds=2, items=5_000, round_trips=300,
+            cls.full(), kv_duration_s=0.1, kv_rounds=2, items=5_000, rounds=1, round_trips=300,
             sizes=("small",),
         )  # fmt: skip
 
@@ -150,6 +171,9 @@ class Endpoint:
     put: Callable[[Any], Any]
     get: Callable[[], Any]
     close: Callable[[], None] = lambda: None
+    # The peer's batch form, for the batched rows: put a list of items, get up to n of them.
+    put_many: Callable[[list[Any]], Any] | None = None
+    get_many: Callable[[int], list[Any]] | None = None
 
 
 @dataclass
@@ -157,13 +181,20 @@ class SharedkvSpec:
     url: str
     prefix: str
     name: str = SHAREDKV
+    batch: int = 1
 
     def connect(self, which: str) -> Endpoint:
         import sharedkv
 
         store = sharedkv.Store(self.url)
         q = store.queue(f"{self.prefix}-{which}")
-        return Endpoint(q.put, lambda: q.get(timeout=60), store.close)
+        return Endpoint(
+            q.put,
+            lambda: q.get(timeout=60),
+            store.close,
+            q.put_many,
+            lambda n: q.get_many(n, timeout=60),
+        )
 
 
 @dataclass
@@ -171,6 +202,7 @@ class ChannelSpec:
     url: str
     prefix: str
     name: str = CHANNEL
+    batch: int = 1
 
     def connect(self, which: str) -> Endpoint:
         from sharedkv.liteyuki import Channel, get_channel
@@ -187,10 +219,13 @@ class ChannelSpec:
 class MpQueueSpec:
     queues: dict[str, Any]  # multiprocessing.Queue, inherited by the children
     name: str = MPQUEUE
+    batch: int = 1
 
     def connect(self, which: str) -> Endpoint:
         q = self.queues[which]
-        return Endpoint(q.put, lambda: q.get(timeout=60))
+        get = partial(q.get, timeout=60)
+        # No batch API: the batched form sends each batch as one list, taken whole.
+        return Endpoint(q.put, get, put_many=q.put, get_many=lambda n: get())
 
 
 @dataclass
@@ -199,6 +234,7 @@ class RedisSpec:
     port: int
     prefix: str
     name: str = REDIS
+    batch: int = 1
 
     def connect(self, which: str) -> Endpoint:
         import redis
@@ -213,7 +249,23 @@ class RedisSpec:
                 raise TimeoutError("nothing arrived in 60 s")
             return loads(popped[1])
 
-        return Endpoint(lambda item: client.lpush(key, dumps(item, protocol)), get, client.close)
+        def put_many(items: list[Any]) -> None:
+            client.lpush(key, *[dumps(item, protocol) for item in items])
+
+        def get_many(n: int) -> list[Any]:
+            # LPUSH adds at the head, so the oldest items are at the tail (RIGHT).
+            popped: Any = client.blmpop(60, 1, key, direction="RIGHT", count=n)
+            if popped is None:
+                raise TimeoutError("nothing arrived in 60 s")
+            return [loads(raw) for raw in popped[1]]
+
+        return Endpoint(
+            lambda item: client.lpush(key, dumps(item, protocol)),
+            get,
+            client.close,
+            put_many,
+            get_many,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,31 +275,74 @@ class RedisSpec:
 
 def _produce(barrier: Any, spec: Any, count: int, item: Any) -> float:
     end = spec.connect("a")
-    put = end.put
+    put, put_many = end.put, end.put_many
+    # Distinct objects, as real items would be: a list of one object repeated would let
+    # pickle send references to its first copy.
+    batch = [pickle.loads(pickle.dumps(item)) for _ in range(spec.batch)]
     barrier.wait()
     start = time.perf_counter()
-    for _ in range(count):
-        put(item)
+    if spec.batch == 1:
+        for _ in range(count):
+            put(item)
+    else:
+        assert put_many is not None
+        for _ in range(count // spec.batch):
+            put_many(batch)
     end.close()
     return start
 
 
 def _consume(barrier: Any, spec: Any, count: int) -> float:
     end = spec.connect("a")
-    get = end.get
+    get, get_many = end.get, end.get_many
     barrier.wait()
-    for _ in range(count):
-        get()
+    if spec.batch == 1:
+        for _ in range(count):
+            get()
+    else:
+        assert get_many is not None
+        got = 0
+        while got < count:
+            got += len(get_many(spec.batch))
     done = time.perf_counter()
     end.close()
     return done
 
 
-def measure_throughput(spec: Any, plan: Plan, size: str) -> h.Row:
-    start, done = _run_pair(spec, plan, size)
-    rate = plan.items / (done - start)
+def throughput_round(spec: Any, plan: Plan, size: str) -> float:
+    """Items per second through the queue of ``spec``, in one run of two children."""
+    start, done = h.run_in_children(
+        _pair_child,
+        [("producer", spec, plan.items, SIZES[size]), ("consumer", spec, plan.items, None)],
+        timeout_s=600,
+    )
+    return float(plan.items / (done - start))
+
+
+def measure_throughput(specs: Sequence[Any], plan: Plan, size: str) -> list[h.Row]:
+    """The median of ``plan.rounds`` rounds per spec; round r of every spec runs before round
+    r + 1 of any, so a disturbance of the machine falls on all of them alike."""
+    rates: dict[str, list[float]] = {spec.name: [] for spec in specs}
+    for round_no in range(1, plan.rounds + 1):
+        for spec in specs:
+            print(f"{spec.name}: throughput, {size} items, round {round_no}: ", end="", flush=True)
+            rates[spec.name].append(throughput_round(spec, plan, size))
+            print(f"{rates[spec.name][-1]:,.0f} items/s", flush=True)
     nan = math.nan
-    return h.Row(spec.name, "put->get throughput", size, nan, nan, nan, round(rate, 1), procs=2)
+    return [
+        h.Row(
+            spec.name,
+            PER_ITEM if spec.batch == 1 else BATCHED,
+            size,
+            nan,
+            nan,
+            nan,
+            round(statistics.median(rates[spec.name]), 1),
+            procs=2,
+            batch=spec.batch,
+        )
+        for spec in specs
+    ]
 
 
 def _pair_child(barrier: Any, role: str, spec: Any, count: int, item: Any) -> float:
@@ -256,27 +351,17 @@ def _pair_child(barrier: Any, role: str, spec: Any, count: int, item: Any) -> fl
     return _consume(barrier, spec, count)
 
 
-def _run_pair(spec: Any, plan: Plan, size: str) -> tuple[float, float]:
-    item = SIZES[size]
-    start, done = h.run_in_children(
-        _pair_child,
-        [("producer", spec, plan.items, item), ("consumer", spec, plan.items, item)],
-        timeout_s=600,
-    )
-    return start, done
-
-
 def _ping(barrier: Any, spec: Any, rounds: int) -> list[int]:
     a, b = spec.connect("a"), spec.connect("b")
     barrier.wait()
     for i in range(min(200, rounds)):  # warm-up: connections, caches, wake-up registration
-        a.put(i)
+        a.put(("job", i))
         b.get()
     clock = time.perf_counter_ns
     samples = []
     for i in range(rounds):
         t0 = clock()
-        a.put(i)
+        a.put(("job", i))
         b.get()
         samples.append(clock() - t0)
     a.put(STOP)
@@ -331,6 +416,7 @@ def p50(rows: Sequence[h.Row], peer: str, op: str, kind: str) -> float:
 def evaluate_bars(rows: Sequence[h.Row]) -> list[h.Bar]:
     # The facade's bars compare median batch times (robust to a busy machine's spikes):
     # Store p50 / shared_memory p50, so >= 1/1.2 means "at most 1.2x slower".
+    mp_queue = find(rows, MPQUEUE, PER_ITEM, "small")
     return [
         h.Bar(
             "shared_memory.get vs Store.get, from a child (within 1.2x, by p50)",
@@ -343,29 +429,36 @@ def evaluate_bars(rows: Sequence[h.Row]) -> list[h.Bar]:
             round(1 / 1.2, 3),
         ),
         h.Bar(
-            "queue throughput, small items, vs multiprocessing.Queue",
-            find(rows, SHAREDKV, "put->get throughput", "small")
-            / find(rows, MPQUEUE, "put->get throughput", "small"),
+            "queue throughput, small items, put/get vs multiprocessing.Queue",
+            find(rows, SHAREDKV, PER_ITEM, "small") / mp_queue,
+            2.0,
+        ),
+        h.Bar(
+            f"queue throughput, small items, put_many/get_many ({BATCH} per call) "
+            "vs multiprocessing.Queue put/get",
+            find(rows, SHAREDKV_BATCH, BATCHED, "small") / mp_queue,
             2.0,
         ),
     ]
 
 
 def ratio_lines(rows: Sequence[h.Row]) -> list[str]:
+    """sharedkv against each other peer of the same operation and item."""
     lines = []
     for row in rows:
-        if row.peer in (SHAREDKV, "Store", "shared_memory"):
+        if row.peer.startswith("sharedkv") or row.peer in ("Store", "shared_memory"):
             continue
+        group = (row.op, row.kind)
+        mine = next(r for r in rows if r.peer.startswith("sharedkv") and (r.op, r.kind) == group)
         if row.op == "one-way latency":
-            mine = next(r for r in rows if r.peer == SHAREDKV and r.op == row.op)
             lines.append(
-                f"  one-way latency p50: {row.peer} {row.p50_us:.1f} us / sharedkv "
+                f"  one-way latency p50: {row.peer} {row.p50_us:.1f} us / {mine.peer} "
                 f"{mine.p50_us:.1f} us = {row.p50_us / mine.p50_us:.2f}x (> 1: sharedkv faster)"
             )
         else:
-            ours = find(rows, SHAREDKV, row.op, row.kind)
             lines.append(
-                f"  {row.op}, {row.kind}: sharedkv / {row.peer} = {ours / row.ops_per_s:.2f}x"
+                f"  {row.op}, {row.kind}: {mine.peer} / {row.peer} = "
+                f"{mine.ops_per_s / row.ops_per_s:.2f}x"
             )
     return lines
 
@@ -407,9 +500,10 @@ def run(args: argparse.Namespace) -> tuple[list[h.Row], list[h.Bar], list[str]]:
     h.print_machine(machine)
     load_before = os.getloadavg()[0]
     notes = [
-        f"{plan.items:,} items per throughput run, {plan.round_trips:,} round trips per latency "
-        f"run; shared_memory/Store: alternating batches of {plan.kv_batch} for "
-        f"{plan.kv_rounds * plan.kv_duration_s:g} s per op"
+        f"{plan.items:,} items per throughput run, median of {plan.rounds} interleaved "
+        f"round(s); {plan.round_trips:,} round trips per latency run; shared_memory/Store: "
+        f"alternating batches of {plan.kv_batch} for {plan.kv_rounds * plan.kv_duration_s:g} s "
+        "per op"
     ]
     rows: list[h.Row] = []
     run_id = uuid.uuid4().hex[:8]
@@ -422,10 +516,13 @@ def run(args: argparse.Namespace) -> tuple[list[h.Row], list[h.Bar], list[str]]:
         print("\nshared_memory vs Store, from a child ...", flush=True)
         rows += measure_kv(plan)
 
+        mp_queues = {"a": h.SPAWN.Queue(), "b": h.SPAWN.Queue()}
         specs: list[Any] = [
             SharedkvSpec(qstore.url, f"q-{run_id}"),
             ChannelSpec(qstore.url, f"c-{run_id}"),
-            MpQueueSpec({"a": h.SPAWN.Queue(), "b": h.SPAWN.Queue()}),
+            MpQueueSpec(mp_queues),
+            SharedkvSpec(qstore.url, f"qb-{run_id}", SHAREDKV_BATCH, BATCH),
+            MpQueueSpec(mp_queues, MPQUEUE_LISTS, BATCH),
         ]
         if args.no_redis:
             notes.append("Redis skipped (--no-redis)")
@@ -433,14 +530,15 @@ def run(args: argparse.Namespace) -> tuple[list[h.Row], list[h.Bar], list[str]]:
             notes.append("Redis skipped: no redis-server binary")
         else:
             server = stack.enter_context(h.RedisServer())
-            specs.append(RedisSpec(server.host, server.port, f"r-{run_id}"))
+            specs.insert(3, RedisSpec(server.host, server.port, f"r-{run_id}"))
+            specs.append(RedisSpec(server.host, server.port, f"rb-{run_id}", REDIS_BATCH, BATCH))
             notes.append(f"redis-server {server.version} on 127.0.0.1:{server.port}, --save ''")
+        for size in plan.sizes:
+            rows += measure_throughput(specs, plan, size)
         for spec in specs:
-            for size in plan.sizes:
-                print(f"{spec.name}: throughput, {size} items ...", flush=True)
-                rows.append(measure_throughput(spec, plan, size))
-            print(f"{spec.name}: latency ...", flush=True)
-            rows.append(measure_latency(spec, plan))
+            if spec.batch == 1:
+                print(f"{spec.name}: latency ...", flush=True)
+                rows.append(measure_latency(spec, plan))
     notes.append(
         f"1-min load average: {load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after"
     )

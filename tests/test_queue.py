@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 import sharedkv
+from sharedkv import JSONSerializer
 
 from .conftest import unique_name
 
@@ -321,3 +323,361 @@ def test_fifo_across_processes(store: sharedkv.Store) -> None:
         _join_all([proc])
     assert got == list(range(500))
     assert q.empty()
+
+
+# -- batches: put_many / get_many ------------------------------------------------------------
+def test_put_many_and_get_many_keep_fifo_order(store: sharedkv.Store) -> None:
+    q = store.queue("batch")
+    q.put("first")
+    q.put_many([{"i": i} for i in range(5)])
+    q.put_many(iter(["g1", "g2"]))  # any iterable, generators included
+    q.put_many([])  # nothing to do
+    assert q.qsize() == 8
+    assert q.get_many(3) == ["first", {"i": 0}, {"i": 1}]
+    assert q.get() == {"i": 2}
+    assert q.get_many(100, timeout=1) == [{"i": 3}, {"i": 4}, "g1", "g2"]  # what is there
+    assert q.qsize() == 0
+    with pytest.raises(sharedkv.QueueEmpty):
+        q.get_many(10, timeout=0)
+    t0 = time.monotonic()
+    with pytest.raises(sharedkv.QueueEmpty):
+        q.get_many(10, timeout=0.2)
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+
+
+def test_large_batches(store: sharedkv.Store) -> None:
+    q = store.queue("large", maxsize=5_000)
+    q.put_many(range(2_500))  # more values than one Redis command of the script takes
+    q.put_many(range(2_500, 5_000))
+    assert q.full()
+    assert q.get_many(3_000) == list(range(3_000))
+    assert q.get_many(3_000) == list(range(3_000, 5_000))
+
+
+def test_get_many_returns_as_soon_as_one_item_arrives(store: sharedkv.Store) -> None:
+    q = store.queue("first-of-batch")
+    threading.Timer(0.1, lambda: q.put("late")).start()
+    t0 = time.monotonic()
+    assert q.get_many(50, timeout=10) == ["late"]
+    assert time.monotonic() - t0 < 5
+
+
+def test_batches_async(store: sharedkv.Store) -> None:
+    q = store.queue("abatch", maxsize=3)
+
+    async def main() -> list[Any]:
+        await q.put_many_async(["a", "b"])
+        with pytest.raises(sharedkv.QueueFull):
+            await q.put_many_async(["c", "d"], timeout=0.1)  # room for one only
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, q.get)  # makes room for both
+        await q.put_many_async(["c", "d"], timeout=10)
+        got = await q.get_many_async(10, timeout=1)
+        loop.call_later(0.05, q.put, "e")
+        got += await q.get_many_async(10, timeout=10)  # waits for the first item
+        with pytest.raises(sharedkv.QueueEmpty):
+            await q.get_many_async(10, timeout=0.1)
+        return got
+
+    assert asyncio.run(main()) == ["b", "c", "d", "e"]
+
+
+def test_put_many_is_all_or_nothing_on_a_bounded_queue(store: sharedkv.Store) -> None:
+    q = store.queue("bounded-batch", maxsize=4)
+    with pytest.raises(ValueError, match="can never fit"):
+        q.put_many(range(5))
+    assert q.qsize() == 0
+    q.put_many([1, 2])
+    t0 = time.monotonic()
+    with pytest.raises(sharedkv.QueueFull):
+        q.put_many([3, 4, 5], timeout=0.2)  # room for two of three: none is put
+    assert 0.2 <= time.monotonic() - t0 < 2.0
+    with pytest.raises(sharedkv.QueueFull):
+        q.put_many([3, 4, 5], timeout=0)
+    assert q.qsize() == 2
+    q.put_many([3, 4], timeout=0)
+    assert q.full()
+    assert q.get_many(4) == [1, 2, 3, 4]
+
+
+def test_bad_batch_input_changes_nothing(store: sharedkv.Store) -> None:
+    q = store.queue("bad-batch")
+    q.put("kept")
+
+    def items_then_failure() -> Iterator[int]:
+        yield 1
+        yield 2
+        raise RuntimeError("the producer's iterable broke")
+
+    for items, error in [
+        (5, TypeError),  # not iterable
+        (None, TypeError),
+        ("abc", TypeError),  # one str, not three one-character items
+        (b"abc", TypeError),
+        ([1, lambda: None], sharedkv.SerializationError),  # the second cannot be pickled
+    ]:
+        with pytest.raises(error):
+            q.put_many(items)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="broke"):
+        q.put_many(items_then_failure())
+    with pytest.raises(ValueError):
+        q.put_many([1], timeout=-1)
+    for max_items, error in [
+        (0, ValueError),
+        (-3, ValueError),
+        (1.5, TypeError),
+        (True, TypeError),
+    ]:
+        with pytest.raises(error):
+            q.get_many(max_items)  # type: ignore[arg-type]
+        with pytest.raises(error):
+            asyncio.run(q.get_many_async(max_items))  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        q.get_many(1, timeout=math.nan)
+    assert q.qsize() == 1
+    assert q.get_many(10) == ["kept"]
+
+
+def test_closed_handle_refuses_batches(store: sharedkv.Store) -> None:
+    q = store.queue("closed-batch")
+    q.put_many([1, 2])
+    q.close()
+    with pytest.raises(sharedkv.ClosedError):
+        q.put_many([3])
+    with pytest.raises(sharedkv.ClosedError):
+        q.get_many(5)
+    assert store.queue("closed-batch").get_many(5) == [1, 2]  # the items stay for others
+
+
+def test_an_undecodable_item_does_not_cost_the_rest_of_its_batch() -> None:
+    url = f"shm://{unique_name('codec')}"
+    with sharedkv.Store(url) as pickling, sharedkv.Store(url, serializer=JSONSerializer()) as safe:
+        mixed = safe.queue("mixed")
+        mixed.put_many(["a", "b"])
+        pickling.queue("mixed").put({"a set"})  # JSON cannot decode this
+        mixed.put_many(["c", "d"])
+        assert mixed.get_many(10) == ["a", "b"]  # everything before the bad item
+        assert mixed.qsize() == 0  # the rest is held by this handle, taken once
+        with pytest.raises(sharedkv.SerializationError):
+            mixed.get_many(10)
+        assert mixed.get() == "c"
+        assert mixed.get_many(10) == ["d"]
+        pickling.queue("mixed").put({"another set"})
+        with pytest.raises(sharedkv.SerializationError):
+            mixed.get_many(10)  # first of its batch: raised at once
+        mixed.put("e")
+        assert mixed.get_many(10) == ["e"]
+
+
+# -- batches across threads and processes ------------------------------------------------------
+def _batch_producer(url: str, queue: str, who: int, count: int, start: Any) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue(queue)
+    start.wait(30)
+    i = 0
+    while i < count:
+        size = min(count - i, 1 + (i * 7 + who) % 50)  # batches of 1 to 50 items
+        q.put_many([(who, n) for n in range(i, i + size)])
+        i += size
+    store.close()
+
+
+def _batch_consumer(url: str, queue: str, who: int, start: Any) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue(queue)
+    got: list[Any] = []
+    start.wait(30)
+    while True:
+        batch = q.get_many(1 + who * 13, timeout=30)  # 1, 14, 27 and 40 items at most
+        got += [item for item in batch if item is not DONE]
+        if DONE in batch:
+            _keep_one_end_marker(q, batch)
+            break
+    store.set(f"consumed:{who}", got)
+    store.close()
+
+
+def _keep_one_end_marker(q: sharedkv.Queue, batch: list[Any]) -> None:
+    """A batch may hold the end markers of other consumers too: give those back."""
+    if batch.count(DONE) > 1:
+        q.put_many([DONE] * (batch.count(DONE) - 1))
+
+
+def _check_exactly_once(per_consumer: list[list[Any]], producers: int, per_producer: int) -> None:
+    consumed = collections.Counter(tuple(item) for got in per_consumer for item in got)
+    produced = collections.Counter((p, i) for p in range(producers) for i in range(per_producer))
+    assert consumed == produced  # as multisets: nothing lost, nothing duplicated
+    for got in per_consumer:  # FIFO per producer, within whatever share each consumer got
+        last: dict[int, int] = {}
+        for who, i in got:
+            assert i > last.get(who, -1)
+            last[who] = i
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_four_producers_four_consumers_in_batches_every_item_exactly_once(
+    qstore: sharedkv.Store, method: str
+) -> None:
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    ctx = multiprocessing.get_context(method)
+    producers, consumers, per_producer = 4, 4, 5_000
+    start = ctx.Event()
+    prods = [
+        ctx.Process(target=_batch_producer, args=(qstore.url, "work", p, per_producer, start))
+        for p in range(producers)
+    ]
+    cons = [
+        ctx.Process(target=_batch_consumer, args=(qstore.url, "work", c, start))
+        for c in range(consumers)
+    ]
+    for proc in prods + cons:
+        proc.start()
+    start.set()
+    _join_all(prods)
+    q = qstore.queue("work")
+    q.put_many([DONE] * consumers)  # after every item
+    _join_all(cons)
+    assert all(p.exitcode == 0 for p in prods + cons)
+    per_consumer = [qstore.get(f"consumed:{c}") for c in range(consumers)]
+    _check_exactly_once(per_consumer, producers, per_producer)
+    assert q.qsize() == 0
+
+
+def test_threads_share_one_handle_for_batches(store: sharedkv.Store) -> None:
+    q = store.queue("threads")
+    producers, consumers, per_producer = 4, 4, 1_000
+    results: list[list[Any]] = [[] for _ in range(consumers)]
+
+    def produce(who: int) -> None:
+        for i in range(0, per_producer, 10):
+            q.put_many([(who, n) for n in range(i, i + 10)])
+
+    def consume(who: int) -> None:
+        while True:
+            batch = q.get_many(7, timeout=30)
+            results[who] += [item for item in batch if item is not DONE]
+            if DONE in batch:
+                _keep_one_end_marker(q, batch)
+                return
+
+    threads = [threading.Thread(target=consume, args=(c,)) for c in range(consumers)]
+    threads += [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads[consumers:]:
+        thread.join(60)
+    q.put_many([DONE] * consumers)  # after every item
+    for thread in threads[:consumers]:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    _check_exactly_once(results, producers, per_producer)
+
+
+def _bounded_batch_producer(url: str, queue: str, maxsize: int, batches: int) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue(queue, maxsize=maxsize)
+    for b in range(batches):
+        q.put_many([b * 3, b * 3 + 1, b * 3 + 2], timeout=20)
+        store.set("batches-put", b + 1)
+    store.close()
+
+
+def test_put_many_blocks_a_producer_in_another_process_until_the_batch_fits(
+    store: sharedkv.Store,
+) -> None:
+    cross_process(store)
+    maxsize, batches = 4, 5
+    q = store.queue("bounded-batches", maxsize=maxsize)
+    proc = SPAWN.Process(
+        target=_bounded_batch_producer, args=(store.url, "bounded-batches", maxsize, batches)
+    )
+    proc.start()
+    try:
+        _wait_for(lambda: store.get("batches-put") == 1, what="the first batch")
+        time.sleep(0.3)
+        assert store.get("batches-put") == 1  # 3 queued, the next 3 do not fit in 4
+        assert q.qsize() == 3
+        got = [q.get()]  # room for one: still not enough for three
+        time.sleep(0.3)
+        assert store.get("batches-put") == 1 and q.qsize() == 2
+        got += q.get_many(2)  # now the second batch fits
+        while len(got) < batches * 3:
+            got += q.get_many(2, timeout=20)
+            assert q.qsize() <= maxsize
+        assert got == list(range(batches * 3))
+    finally:
+        _join_all([proc])
+    assert proc.exitcode == 0
+
+
+def _forked_batch_child(inbox: sharedkv.Queue, outbox: sharedkv.Queue) -> None:
+    # The parent's handles, inherited through fork, wait and wake in the child.
+    outbox.put_many([("child got", inbox.get_many(10, timeout=20))])
+
+
+def test_handles_inherited_through_fork_wait_for_batches(qstore: sharedkv.Store) -> None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    inbox, outbox = qstore.queue("to-child"), qstore.queue("to-parent")
+    with pytest.raises(sharedkv.QueueEmpty):
+        inbox.get_many(5, timeout=0.05)  # the parent waited on this handle before forking
+    fork = multiprocessing.get_context("fork")
+    proc = fork.Process(target=_forked_batch_child, args=(inbox, outbox))
+    proc.start()
+    try:
+        time.sleep(0.3)  # the child is asleep in get_many
+        inbox.put_many(["x", "y"])
+        answer = outbox.get_many(10, timeout=20)
+    finally:
+        _join_all([proc])
+    assert proc.exitcode == 0
+    assert answer == [("child got", ["x", "y"])]
+
+
+def _batch_victim(url: str, queue: str, start: Any) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue(queue)
+    start.wait(30)
+    while True:  # until killed
+        for item in q.get_many(10, timeout=30):
+            store.set(f"victim:{item}", True)
+            store.incr("victim-count")
+        time.sleep(0.001)
+
+
+def test_consumer_killed_holding_a_batch_loses_at_most_that_batch(qstore: sharedkv.Store) -> None:
+    total, survivors, batch = 3000, 2, 10
+    q = qstore.queue("stream")
+    q.put_many(range(total))
+    start = SPAWN.Event()
+    victim = SPAWN.Process(target=_batch_victim, args=(qstore.url, "stream", start))
+    others = [
+        SPAWN.Process(target=_slow_consumer, args=(qstore.url, "stream", c, start))
+        for c in range(survivors)
+    ]
+    for proc in [victim, *others]:
+        proc.start()
+    start.set()
+    try:
+        _wait_for(lambda: (qstore.get("victim-count") or 0) >= 100, what="the victim to work")
+        assert victim.pid is not None
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        assert victim.exitcode == -signal.SIGKILL
+        assert q.qsize() > 0, "the stream ended before the kill; the test proves nothing"
+        for _ in range(survivors):
+            q.put(DONE)
+    finally:
+        _join_all(others)
+        if victim.is_alive():
+            victim.kill()
+            victim.join(5)
+    assert all(p.exitcode == 0 for p in others)
+    by_victim = {int(key.split(":")[1]) for key in qstore.keys("victim:*")}
+    by_others = [item for c in range(survivors) for item in qstore.get(f"consumed:{c}")]
+    assert len(by_others) == len(set(by_others))
+    assert not by_victim & set(by_others)
+    lost = set(range(total)) - by_victim - set(by_others)
+    assert len(lost) <= batch, lost  # at most the batch the victim held when it died
+    assert q.qsize() == 0

@@ -329,8 +329,18 @@ class Backend(ABC):
         """Append ``item``; ``False`` (nothing written) when ``maxsize`` > 0 items are queued."""
 
     @abstractmethod
+    def queue_put_many(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
+        """Append every item, in order, atomically; ``False`` (nothing written) when
+        ``maxsize`` > 0 and they do not all fit."""
+
+    @abstractmethod
     def queue_get(self, name: str) -> bytes | None:
         """Remove and return the oldest item, or ``None`` when the queue is empty."""
+
+    @abstractmethod
+    def queue_get_many(self, name: str, max_items: int) -> list[bytes]:
+        """Remove and return the oldest items, at most ``max_items`` (>= 1), atomically;
+        ``[]`` when the queue is empty."""
 
     @abstractmethod
     def queue_size(self, name: str) -> int: ...

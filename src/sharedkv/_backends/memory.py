@@ -292,6 +292,16 @@ class MemoryBackend(Backend):
             self._wake("q", name)
             return True
 
+    def queue_put_many(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
+        with self._lock:
+            self._check()
+            q = self._queues.setdefault(name, deque())
+            if maxsize > 0 and len(q) + len(items) > maxsize:
+                return False
+            q.extend(items)
+            self._wake("q", name)
+            return True
+
     def queue_get(self, name: str) -> bytes | None:
         with self._lock:
             self._check()
@@ -301,6 +311,16 @@ class MemoryBackend(Backend):
             item = q.popleft()
             self._wake("q", name)
             return item
+
+    def queue_get_many(self, name: str, max_items: int) -> list[bytes]:
+        with self._lock:
+            self._check()
+            q = self._queues.get(name)
+            if not q:
+                return []
+            taken = [q.popleft() for _ in range(min(max_items, len(q)))]
+            self._wake("q", name)
+            return taken
 
     def queue_size(self, name: str) -> int:
         with self._lock:

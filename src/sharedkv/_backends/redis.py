@@ -538,6 +538,26 @@ if item then redis.call('PUBLISH', ARGV[1], '') end
 return item
 """
 
+# queue_put_many: KEYS[1] list; ARGV[1] maxsize (0: unbounded), [2] hint channel, [3..] items.
+# Returns 1 when every item was appended, 0 (nothing appended) when they do not all fit.
+# RPUSH takes the items a thousand at a time: Lua's unpack() is limited by its C stack.
+_LUA_QUEUE_PUT_MANY = r"""
+local maxsize = tonumber(ARGV[1])
+if maxsize > 0 and redis.call('LLEN', KEYS[1]) + #ARGV - 2 > maxsize then return 0 end
+for first = 3, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+end
+redis.call('PUBLISH', ARGV[2], '')
+return 1
+"""
+
+# queue_get_many: KEYS[1] list; ARGV[1] max items, [2] hint channel. Returns the items or nil.
+_LUA_QUEUE_GET_MANY = r"""
+local items = redis.call('LPOP', KEYS[1], ARGV[1])
+if items then redis.call('PUBLISH', ARGV[2], '') end
+return items
+"""
+
 # Shared by the lock scripts: KEYS[1] holders (ident -> lease deadline), KEYS[2] holder info.
 _LUA_LOCKS = (
     _LUA_HELPERS
@@ -702,6 +722,8 @@ HISTORY_BOUNDS = _Script(_LUA_HISTORY_BOUNDS)
 REVISION = _Script(_LUA_REVISION)
 QUEUE_PUT = _Script(_LUA_QUEUE_PUT)
 QUEUE_GET = _Script(_LUA_QUEUE_GET)
+QUEUE_PUT_MANY = _Script(_LUA_QUEUE_PUT_MANY)
+QUEUE_GET_MANY = _Script(_LUA_QUEUE_GET_MANY)
 LOCK_ACQUIRE = _Script(_LUA_LOCK_ACQUIRE)
 LOCK_RELEASE = _Script(_LUA_LOCK_RELEASE)
 LOCK_OWNERS = _Script(_LUA_LOCK_OWNERS)
@@ -1364,6 +1386,18 @@ class RedisBackend(Backend):
     def queue_get(self, name: str) -> bytes | None:
         hint = self._ns + "h:q:" + name
         return cast("bytes | None", QUEUE_GET(self._cmd, (self._ns + "q:" + name,), (hint,)))
+
+    @_guarded
+    def queue_put_many(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
+        hint = self._ns + "h:q:" + name
+        keys = (self._ns + "q:" + name,)
+        return bool(QUEUE_PUT_MANY(self._cmd, keys, (maxsize, hint, *items)))
+
+    @_guarded
+    def queue_get_many(self, name: str, max_items: int) -> list[bytes]:
+        hint = self._ns + "h:q:" + name
+        taken = QUEUE_GET_MANY(self._cmd, (self._ns + "q:" + name,), (max_items, hint))
+        return cast("list[bytes]", taken or [])
 
     @_guarded
     def queue_size(self, name: str) -> int:

@@ -19,7 +19,7 @@ Named databases inside the environment::
     interest kind + pattern + NUL + owner -> count   who wants wake-ups for what
     chan     channel -> last seq, first retained seq, retained bytes
     msgs     channel + NUL + be64(seq) -> msg id + payload
-    queue    name + NUL + be64(seq) -> item;   qmeta  name -> head, tail
+    queue    name + NUL + be64(seq) -> item    oldest first; nothing else (see the queue section)
     locks    name + NUL + owner + ident -> since, thread id, thread name
     procs    owner -> attach time            processes that registered anything
     eph      owner + key -> ""               ephemeral keys by owner
@@ -82,7 +82,6 @@ _BE64 = struct.Struct(">Q")
 _U16 = struct.Struct("<H")
 _BEF = struct.Struct(">d")
 _CHAN = struct.Struct("<QQQ")  # last seq, first retained seq, retained bytes
-_QMETA = struct.Struct("<QQ")  # head (next to get), tail (next to put)
 # All store-wide counters live in one record, read once and written once per transaction.
 _CTR = struct.Struct("<QQQQQ")
 REV, HBYTES, IVER, MSGS, DROPPED = range(5)
@@ -500,7 +499,6 @@ class ShmBackend(Backend):
             self._chan = env.open_db(b"chan", txn=txn)
             self._msgs = env.open_db(b"msgs", txn=txn)
             self._queue = env.open_db(b"queue", txn=txn)
-            self._qmeta = env.open_db(b"qmeta", txn=txn)
             self._locks = env.open_db(b"locks", txn=txn)
             self._procs = env.open_db(b"procs", txn=txn)
             self._eph = env.open_db(b"eph", txn=txn)
@@ -1208,48 +1206,113 @@ class ShmBackend(Backend):
         return _WatchFeed(self, pattern, since)
 
     # -- queues ----------------------------------------------------------------------------
+    # A queue is its items and nothing else: the oldest and the newest key give its head and
+    # tail, so a put writes one record (a batch, one per item), a take deletes the ones it
+    # returns, and an empty take writes nothing. These are the hottest writes and touch no
+    # other record, so each is one bare write transaction rather than a _Write: no expiry
+    # sweep, no store counters. A put wakes the processes whose getters sleep on the queue, a
+    # take those whose putters wait for room. With nobody waiting anywhere in the store, that
+    # costs one read of the interest version, inside the transaction, which orders it against
+    # a waiter's registration (see _wait._plan).
     def queue_put(self, name: str, item: bytes, maxsize: int) -> bool:
-        nb = name.encode()
-        with self._write() as w:
-            raw = w.txn.get(nb, db=self._qmeta)
-            head, tail = _QMETA.unpack(raw) if raw else (0, 0)
-            if maxsize > 0 and tail - head >= maxsize:
-                return False
-            w.txn.put(nb + b"\0" + _BE64.pack(tail), item, db=self._queue)
-            w.txn.put(nb, _QMETA.pack(head, tail + 1), db=self._qmeta)
-            w.wake(K_QUEUE, nb)
-        return True
+        return self._queue_append(name, (item,), maxsize)
+
+    def queue_put_many(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
+        return self._queue_append(name, items, maxsize)
 
     def queue_get(self, name: str) -> bytes | None:
+        taken = self._queue_take(name, 1)
+        return taken[0] if taken else None
+
+    def queue_get_many(self, name: str, max_items: int) -> list[bytes]:
+        return self._queue_take(name, max_items)
+
+    def _queue_append(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
+        if self._forks != _forks or self._closed:
+            self._check()
         nb = name.encode()
-        if self._forks == _forks:
-            # An empty queue is seen with a read transaction: no writer lock taken for nothing.
-            meta = self._env.begin(db=self._qmeta).get(nb)
-            if meta is None:
-                return None
-        with self._write() as w:
-            raw = w.txn.get(nb, db=self._qmeta)
-            if raw is None:
-                return None
-            head, tail = _QMETA.unpack(raw)
-            if head >= tail:
-                return None
-            item: bytes = w.txn.pop(nb + b"\0" + _BE64.pack(head), db=self._queue)
-            if head + 1 == tail:
-                w.txn.delete(nb, db=self._qmeta)
-            else:
-                w.txn.put(nb, _QMETA.pack(head + 1, tail), db=self._qmeta)
-            w.wake(K_QUEUE, nb)
-        return item
+        prefix = nb + b"\0"
+        self._wlock.acquire()
+        try:
+            txn = self._env.begin(write=True)
+            try:
+                cur = txn.cursor(db=self._queue)
+                tail = _queue_tail(cur, nb)
+                if maxsize > 0 and tail - _queue_head(cur, nb, tail) + len(items) > maxsize:
+                    txn.abort()
+                    return False
+                if len(items) == 1:
+                    cur.put(prefix + _BE64.pack(tail), items[0])
+                else:
+                    pack = _BE64.pack
+                    records = [(prefix + pack(seq), item) for seq, item in enumerate(items, tail)]
+                    cur.putmulti(records)
+                waiters = self._queue_waiters(txn, name)
+                txn.commit()
+            except BaseException:
+                with contextlib.suppress(lmdb.Error):
+                    txn.abort()
+                raise
+        except lmdb.Error as err:
+            raise _translate(self, err) from err
+        finally:
+            self._wlock.release()
+        if waiters:
+            self._send_hints({(token, K_QUEUE + nb): 1 for token in waiters})
+        return True
+
+    def _queue_take(self, name: str, max_items: int) -> list[bytes]:
+        if self._forks != _forks or self._closed:
+            self._check()
+        nb = name.encode()
+        taken: list[bytes] = []
+        self._wlock.acquire()
+        try:
+            txn = self._env.begin(write=True)
+            try:
+                cur = txn.cursor(db=self._queue)
+                if cur.set_range(nb + b"\0"):
+                    # Every key from here up to nb + 1 is this queue's (see _queue_tail); a
+                    # cursor moved past the last record of the database has the key b"".
+                    beyond = nb + b"\1"
+                    key = cur.key()
+                    while key and key < beyond:
+                        taken.append(cur.value())
+                        cur.delete()
+                        if len(taken) == max_items:
+                            break
+                        key = cur.key()
+                if not taken:
+                    txn.abort()
+                    return taken
+                waiters = self._queue_waiters(txn, name)
+                txn.commit()
+            except BaseException:
+                with contextlib.suppress(lmdb.Error):
+                    txn.abort()
+                raise
+        except lmdb.Error as err:
+            raise _translate(self, err) from err
+        finally:
+            self._wlock.release()
+        if waiters:
+            self._send_hints({(token, K_QUEUE + nb): 1 for token in waiters})
+        return taken
+
+    def _queue_waiters(self, txn: Any, name: str) -> dict[str, int]:
+        raw = txn.get(b"ctr", db=self._meta)
+        version = _CTR.unpack(raw)[IVER] if raw else 0
+        if version == self._reg_version and not self._reg:
+            return {}
+        return self._interested(txn, version, K_QUEUE, name)
 
     def queue_size(self, name: str) -> int:
         self._check()
-        with self._env.begin(db=self._qmeta) as txn:
-            raw = txn.get(name.encode())
-        if raw is None:
-            return 0
-        head, tail = _QMETA.unpack(raw)
-        return int(tail - head)
+        nb = name.encode()
+        with self._env.begin(db=self._queue) as txn:
+            cur = txn.cursor()
+            tail = _queue_tail(cur, nb)
+            return tail - _queue_head(cur, nb, tail)
 
     def queue_feed(self, name: str) -> Feed:
         return _WakeFeed(self, K_QUEUE, name)
@@ -1381,6 +1444,27 @@ def _literal_prefix(pattern: str | None) -> bytes:
         if i != -1:
             cut = min(cut, i)
     return pattern[:cut].encode()
+
+
+# -- queue records ---------------------------------------------------------------------------
+def _queue_tail(cur: Any, nb: bytes) -> int:
+    """The sequence number the next item of queue ``nb`` gets: one past its newest item's, 0
+    when it is empty. Its items are the keys from nb + NUL up to nb + 1, and no other queue's
+    key falls in between, since names hold no NUL."""
+    found = cur.prev() if cur.set_range(nb + b"\1") else cur.last()
+    key = cur.key() if found else b""
+    if len(key) == len(nb) + 9 and key.startswith(nb + b"\0"):
+        return int(_BE64.unpack_from(key, len(nb) + 1)[0]) + 1
+    return 0
+
+
+def _queue_head(cur: Any, nb: bytes, tail: int) -> int:
+    """The sequence number of the oldest item of queue ``nb`` (``tail`` when it is empty)."""
+    if tail and cur.set_range(nb + b"\0"):
+        key = cur.key()
+        if len(key) == len(nb) + 9 and key.startswith(nb + b"\0"):
+            return int(_BE64.unpack_from(key, len(nb) + 1)[0])
+    return tail
 
 
 # -- feeds -----------------------------------------------------------------------------------
