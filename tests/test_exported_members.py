@@ -8,8 +8,8 @@ EXPECTED = {
     "AsyncStore", "BackendError", "BackendUnavailableError", "Change", "ClosedError",
     "DEFAULT_TIMEOUT", "Entry", "Gap", "InvalidKeyError", "InvalidURLError", "JSONSerializer",
     "Lock", "LockInfo", "LockNotOwnedError", "LockTimeoutError", "Message",
-    "MissingDependencyError", "PickleSerializer", "Queue", "QueueEmpty", "QueueFull", "RLock",
-    "RevisionTooOldError", "Semaphore", "SerializationError", "Serializer", "SharedKVError",
+    "MissingDependencyError", "PickleSerializer", "Queue", "QueueEmpty", "QueueFull",
+    "QueueWriteError", "RLock", "RevisionTooOldError", "Semaphore", "SerializationError", "Serializer", "SharedKVError",
     "Store", "StoreFullError", "StoreNotFoundError", "Subscription", "TimeoutError", "Watch",
     "__version__", "shared_memory",
 }  # fmt: skip

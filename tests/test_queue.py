@@ -646,12 +646,26 @@ def _batch_victim(url: str, queue: str, start: Any) -> None:
         time.sleep(0.001)
 
 
-def test_consumer_killed_holding_a_batch_loses_at_most_that_batch(qstore: sharedkv.Store) -> None:
+def _buffered_victim(url: str, queue: str, start: Any) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue(queue, buffer=10)  # takes ten at a time, hands them out one by one
+    start.wait(30)
+    while True:  # until killed
+        item = q.get(timeout=30)
+        store.set(f"victim:{item}", True)
+        store.incr("victim-count")
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("victim_loop", [_batch_victim, _buffered_victim])
+def test_consumer_killed_holding_a_batch_loses_at_most_that_batch(
+    qstore: sharedkv.Store, victim_loop: Any
+) -> None:
     total, survivors, batch = 3000, 2, 10
     q = qstore.queue("stream")
     q.put_many(range(total))
     start = SPAWN.Event()
-    victim = SPAWN.Process(target=_batch_victim, args=(qstore.url, "stream", start))
+    victim = SPAWN.Process(target=victim_loop, args=(qstore.url, "stream", start))
     others = [
         SPAWN.Process(target=_slow_consumer, args=(qstore.url, "stream", c, start))
         for c in range(survivors)
@@ -681,3 +695,377 @@ def test_consumer_killed_holding_a_batch_loses_at_most_that_batch(qstore: shared
     lost = set(range(total)) - by_victim - set(by_others)
     assert len(lost) <= batch, lost  # at most the batch the victim held when it died
     assert q.qsize() == 0
+
+
+# -- buffered handles: store.queue(name, buffer=N) ---------------------------------------------
+def _buffered_producer(url: str, queue: str, who: int, count: int, buffer: int) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue(queue, buffer=buffer)
+    for i in range(count):
+        q.put((who, i))
+    store.close()  # closes the handle: writes what it holds
+
+
+def _stopping_consumer(url: str, queue: str, who: int, buffer: int) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue(queue, buffer=buffer)
+    got = []
+    while (item := q.get(timeout=30)) is not DONE:
+        got.append(item)
+    store.set(f"consumed:{who}", got)
+    store.close()  # a buffered handle puts back what it took after its end marker
+
+
+@pytest.mark.parametrize("consumer_buffer", [0, 7])
+def test_buffered_producers_every_item_exactly_once_across_processes(
+    store: sharedkv.Store, consumer_buffer: int
+) -> None:
+    cross_process(store)
+    producers, consumers, per_producer = 3, 2, 3_000
+    prods = [
+        SPAWN.Process(target=_buffered_producer, args=(store.url, "work", p, per_producer, 50))
+        for p in range(producers)
+    ]
+    cons = [
+        SPAWN.Process(target=_stopping_consumer, args=(store.url, "work", c, consumer_buffer))
+        for c in range(consumers)
+    ]
+    for proc in prods + cons:
+        proc.start()
+    _join_all(prods)
+    q = store.queue("work")
+    q.put_many([DONE] * consumers)  # after every item
+    _join_all(cons)
+    assert all(p.exitcode == 0 for p in prods + cons)
+    per_consumer = [store.get(f"consumed:{c}") for c in range(consumers)]
+    _check_exactly_once(per_consumer, producers, per_producer)
+    assert q.qsize() == 0
+
+
+def test_buffered_put_is_written_promptly_and_close_flushes(store: sharedkv.Store) -> None:
+    q = store.queue("prompt", buffer=1_000)
+    other = store.queue("prompt")
+    q.put("a")  # one item, far from a full buffer: written within about a millisecond
+    assert other.get(timeout=5) == "a"
+    for i in range(10):
+        q.put(i)
+    q.close()
+    assert other.get_many(20) == list(range(10))  # in the queue when close() returns
+    feeders = [t for t in threading.enumerate() if t.name == "sharedkv-queue-feeder-prompt"]
+    assert not feeders, feeders  # its feeder thread has ended
+    with pytest.raises(sharedkv.ClosedError):
+        q.put("after close")
+    with pytest.raises(sharedkv.ClosedError):
+        q.flush()
+    q.close()  # idempotent
+
+
+def test_flush_and_store_close_write_what_a_buffered_handle_holds(store: sharedkv.Store) -> None:
+    cross_process(store)  # a second Store on the same data
+    q = store.queue("flushed", buffer=100)
+    q.put_many(["first"])  # writes what the handle holds first, then the batch, at once
+    for i in range(50):
+        q.put(i)
+    q.flush()
+    assert q.qsize() == 51
+    with sharedkv.Store(store.url) as writer:
+        held = writer.queue("flushed", buffer=1_000)
+        for i in range(50, 60):
+            held.put(i)
+    # writer.close() closed the handle first: the items are in the queue
+    assert q.get_many(100) == ["first", *range(60)]
+
+
+def test_buffered_consumer_puts_back_what_it_took_when_closed(store: sharedkv.Store) -> None:
+    q = store.queue("taken", buffer=100)
+    other = store.queue("taken")
+    other.put_many(range(10))
+    assert q.get() == 0
+    assert other.qsize() == 0  # the other nine are this handle's now
+    assert q.get_many(3) == [1, 2, 3]  # what the handle holds comes first
+    other.put("later")
+    q.close()
+    # Back at the tail, after what was put meanwhile: each item still taken exactly once.
+    assert other.get_many(20) == ["later", 4, 5, 6, 7, 8, 9]
+
+
+def test_a_dropped_buffered_consumer_puts_back_what_it_took(store: sharedkv.Store) -> None:
+    other = store.queue("dropped")
+    other.put_many(range(5))
+    q = store.queue("dropped", buffer=100)
+    assert q.get() == 0
+    del q  # never closed: what it took goes back when it is collected
+    assert other.get_many(10) == [1, 2, 3, 4]
+
+
+def _exit_without_close(url: str) -> None:
+    store = sharedkv.Store(url)
+    out = store.queue("out", buffer=64)
+    for i in range(1_000):
+        out.put(i)
+    inbox = store.queue("in", buffer=100)
+    assert inbox.get(timeout=10) == 0  # takes all ten, hands out one
+    # returns: neither the handles nor the store are closed
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork", "forkserver"])
+def test_a_child_that_exits_without_closing_writes_and_puts_back(
+    store: sharedkv.Store, method: str
+) -> None:
+    cross_process(store)
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    store.queue("in").put_many(range(10))
+    proc = multiprocessing.get_context(method).Process(
+        target=_exit_without_close, args=(store.url,)
+    )
+    proc.start()
+    _join_all([proc])
+    assert proc.exitcode == 0
+    assert store.queue("out").get_many(2_000, timeout=5) == list(range(1_000))
+    assert store.queue("in").get_many(20) == list(range(1, 10))
+
+
+def _recording_buffered_producer(url: str, buffer: int) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue("stream", buffer=buffer)
+    i = 0
+    while True:  # until killed
+        q.put(i)
+        i += 1
+        store.set("accepted", i)  # put() returned for items 0 .. i-1
+
+
+def test_killed_buffered_producer_loses_at_most_its_buffer(store: sharedkv.Store) -> None:
+    cross_process(store)
+    buffer = 20
+    proc = SPAWN.Process(target=_recording_buffered_producer, args=(store.url, buffer))
+    proc.start()
+    try:
+        _wait_for(lambda: (store.get("accepted") or 0) >= 500, what="the producer to work")
+        assert proc.pid is not None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        assert proc.exitcode == -signal.SIGKILL
+    finally:
+        _join_all([proc])
+    accepted = store.get("accepted")
+    q = store.queue("stream")
+    got = q.get_many(1_000_000, timeout=5)
+    assert got == list(range(len(got)))  # in order, no duplicate, no hole
+    assert len(got) >= accepted - buffer  # lost: at most what the handle held
+    q.put("after")  # the queue is intact
+    assert q.get_many(10, timeout=5) == ["after"]
+
+
+def _bounded_buffered_producer(url: str, maxsize: int, buffer: int, count: int) -> None:
+    store = sharedkv.Store(url)
+    q = store.queue("bounded", maxsize=maxsize, buffer=buffer)
+    for i in range(count):
+        q.put(i, timeout=20)
+        store.set("progress", i + 1)
+    store.close()
+
+
+def test_a_bounded_queue_pushes_back_on_a_buffered_producer(store: sharedkv.Store) -> None:
+    cross_process(store)
+    maxsize, buffer, count = 4, 10, 40
+    q = store.queue("bounded", maxsize=maxsize)
+    proc = SPAWN.Process(
+        target=_bounded_buffered_producer, args=(store.url, maxsize, buffer, count)
+    )
+    proc.start()
+    try:
+        # The queue full, and the handle holding all it may: the next put waits.
+        _wait_for(lambda: store.get("progress") == maxsize + buffer, what="the queue to fill")
+        time.sleep(0.3)
+        assert store.get("progress") == maxsize + buffer
+        assert q.qsize() == maxsize
+        got: list[int] = []
+        while len(got) < count:
+            got.append(q.get(timeout=20))
+            assert q.qsize() <= maxsize
+        assert got == list(range(count))
+    finally:
+        _join_all([proc])
+    assert proc.exitcode == 0
+
+
+def test_a_buffered_handle_on_a_full_queue_times_out_and_reports_losses(
+    store: sharedkv.Store,
+) -> None:
+    q = store.queue("full", maxsize=2, buffer=3)
+    other = store.queue("full")
+    other.put_many(["x", "y"])
+    for i in range(3):
+        q.put(i, timeout=0)  # held by the handle, waiting for room
+    with pytest.raises(sharedkv.QueueFull):
+        q.put_nowait(3)
+    t0 = time.monotonic()
+    with pytest.raises(sharedkv.QueueFull):
+        q.put(3, timeout=0.2)
+    with pytest.raises(sharedkv.QueueFull):
+        q.flush(timeout=0.2)
+    with pytest.raises(sharedkv.QueueFull):
+        asyncio.run(q.put_async(3, timeout=0.2))
+    assert 0.6 <= time.monotonic() - t0 < 5.0
+    assert other.get() == "x"  # room for one: the feeder writes the first held item
+    _wait_for(lambda: other.qsize() == 2, what="the feeder to use the room")
+    with pytest.raises(sharedkv.QueueWriteError) as lost:
+        q.close(timeout=0.2)  # no more room: the two items left are lost, and said to be
+    assert lost.value.lost == 2
+    assert isinstance(lost.value.__cause__, sharedkv.QueueFull)
+    assert other.get_many(10) == ["y", 0]
+    time.sleep(0.2)
+    assert other.qsize() == 0  # the items given up are never written later
+
+
+def test_feeder_errors_surface_at_the_next_call() -> None:
+    with sharedkv.Store(f"shm://{unique_name('full')}", map_size=8 << 20) as store:
+        chunk = b"x" * (64 << 10)
+        q = store.queue("big", buffer=4)
+        accepted, lost = 0, 0
+        errors: list[sharedkv.QueueWriteError] = []
+        for i in range(400):  # 25 MiB: more than the store holds
+            try:
+                q.put((i, chunk))
+            except sharedkv.QueueWriteError as exc:
+                errors.append(exc)  # this put added nothing
+                break
+            accepted += 1
+        assert errors, "the store never filled up"
+        try:
+            q.flush()
+        except sharedkv.QueueWriteError as exc:  # losses after the first report
+            errors.append(exc)
+        assert all(isinstance(e.__cause__, sharedkv.StoreFullError) for e in errors)
+        lost = sum(e.lost for e in errors)
+        assert lost >= 1
+        written = [i for i, _ in store.queue("big").get_many(1_000)]
+        assert written == sorted(written)
+        assert len(written) + lost == accepted  # every item accepted: written, or reported lost
+        q.put((-1, chunk))  # room again: the handle works on
+        q.close()
+        assert store.queue("big").get_many(10)[0][0] == -1
+
+
+def _forked_buffered_child(out: sharedkv.Queue, inbox: sharedkv.Queue) -> None:
+    # Handles inherited through fork hold nothing of the parent's here.
+    for i in range(3):
+        out.put(("child", i))
+    inbox.close()  # the parent's taken items are not this child's to put back
+    # exits: its own items are written (the queue is full until the parent makes room)
+
+
+def test_a_forked_child_neither_writes_nor_returns_the_parents_buffered_items(
+    qstore: sharedkv.Store,
+) -> None:
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork here")
+    reader = qstore.queue("out")
+    reader.put_many([("before", 0), ("before", 1)])
+    out = qstore.queue("out", maxsize=2, buffer=10)
+    for i in range(5):
+        out.put(("parent", i))  # held: the queue is full
+    inbox = qstore.queue("in", buffer=10)
+    qstore.queue("in").put_many(range(6))
+    assert inbox.get() == 0  # holds five more
+    proc = multiprocessing.get_context("fork").Process(
+        target=_forked_buffered_child, args=(out, inbox)
+    )
+    proc.start()
+    try:
+        got = [reader.get(timeout=20) for _ in range(10)]
+        time.sleep(0.2)
+        with pytest.raises(sharedkv.QueueEmpty):
+            reader.get(timeout=0.2)  # nothing twice
+    finally:
+        _join_all([proc])
+    assert proc.exitcode == 0
+    assert collections.Counter(got) == collections.Counter(
+        [("before", 0), ("before", 1)] + [("parent", i) for i in range(5)]
+        + [("child", i) for i in range(3)]
+    )  # fmt: skip
+    for who in ("parent", "child"):
+        mine = [i for w, i in got if w == who]
+        assert mine == sorted(mine)
+    assert qstore.queue("in").qsize() == 0  # the child put nothing back
+    inbox.close()
+    assert qstore.queue("in").get_many(10) == [1, 2, 3, 4, 5]
+
+
+def test_threads_share_one_buffered_handle(store: sharedkv.Store) -> None:
+    q = store.queue("threads", buffer=16)
+    producers, consumers, per_producer = 4, 4, 1_000
+    results: list[list[Any]] = [[] for _ in range(consumers)]
+
+    def produce(who: int) -> None:
+        for i in range(per_producer):
+            q.put((who, i))
+
+    def consume(who: int) -> None:
+        while (item := q.get(timeout=30)) is not DONE:
+            results[who].append(item)
+
+    threads = [threading.Thread(target=consume, args=(c,)) for c in range(consumers)]
+    threads += [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads[consumers:]:
+        thread.join(60)
+    for _ in range(consumers):
+        q.put(DONE)  # after every item: one handle keeps each thread's order
+    for thread in threads[:consumers]:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads)
+    _check_exactly_once(results, producers, per_producer)
+    q.close()
+    assert store.queue("threads").qsize() == 0
+
+
+def test_buffered_handles_async(store: sharedkv.Store) -> None:
+    q = store.queue("abuffered", maxsize=3, buffer=2)
+    other = store.queue("abuffered")
+
+    async def main() -> list[Any]:
+        await q.put_async("a")
+        await q.put_many_async(["b", "c"])  # writes "a" first, then the batch
+        await q.put_async("d")  # held: the queue is full
+        await q.put_async("e")
+        with pytest.raises(sharedkv.QueueFull):
+            await q.put_async("f", timeout=0.1)  # the handle is full too
+        with pytest.raises(sharedkv.QueueFull):
+            await q.flush_async(timeout=0.1)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, other.get_many, 2)  # room for both held items
+        await q.flush_async(timeout=10)
+        got = [await q.get_async(timeout=1)]  # takes a buffer's worth, c and d; hands out c
+        got += await q.get_many_async(10, timeout=1)  # what the handle holds: d
+        got += await q.get_many_async(10, timeout=1)  # up to 10 from the queue: e
+        loop.call_later(0.05, other.put, "g")
+        got.append(await q.get_async(timeout=10))  # waits for the first item
+        return got
+
+    assert asyncio.run(main()) == ["c", "d", "e", "g"]
+    q.close()
+
+
+def test_buffered_handles_check_their_input(store: sharedkv.Store) -> None:
+    for buffer, error in [(-1, ValueError), (1.5, TypeError), ("8", TypeError), (True, TypeError)]:
+        with pytest.raises(error):
+            store.queue("checked", buffer=buffer)  # type: ignore[arg-type]
+    q = store.queue("checked", buffer=8)
+    assert repr(q) == "<Queue 'checked' maxsize=0 buffer=8>"
+    assert (q.buffer, store.queue("checked").buffer) == (8, 0)
+    with pytest.raises(sharedkv.SerializationError):
+        q.put(lambda: None)  # raised by put itself: nothing is queued
+    with pytest.raises(ValueError):
+        q.flush(timeout=math.nan)
+    q.flush()
+    assert q.qsize() == 0
+    plain = store.queue("checked")
+    plain.flush()  # nothing is ever held back: returns at once
+    plain.close()
+    with pytest.raises(sharedkv.ClosedError):
+        plain.flush()
+    q.close()

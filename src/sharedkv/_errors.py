@@ -19,7 +19,8 @@ standard exception a Python user would reach for first, so ``except ValueError``
     ├── LockNotOwnedError         (RuntimeError)  release of a lock this thread does not hold
     ├── RevisionTooOldError                       watch(since=...) older than the retained history
     ├── QueueEmpty                (queue.Empty)   get_nowait() on an empty queue
-    └── QueueFull                 (queue.Full)    put_nowait() on a full bounded queue
+    ├── QueueFull                 (queue.Full)    put_nowait() on a full bounded queue
+    └── QueueWriteError                           items a buffered queue handle held were lost
 
 A wrong *type* of argument (a key that is not ``str``, a ttl that is not a number) raises the
 plain built-in ``TypeError``, as the standard library does.
@@ -41,6 +42,7 @@ __all__ = [
     "MissingDependencyError",
     "QueueEmpty",
     "QueueFull",
+    "QueueWriteError",
     "RevisionTooOldError",
     "SerializationError",
     "SharedKVError",
@@ -118,3 +120,15 @@ class QueueEmpty(SharedKVError, queue.Empty):
 
 class QueueFull(SharedKVError, queue.Full):
     """``put_nowait()`` found the bounded queue full."""
+
+
+class QueueWriteError(SharedKVError):
+    """Items a buffered queue handle held were lost: put on it and never written (its feeder
+    failed, or ``close()`` found no room for them in time), or taken by it and not put back.
+
+    Raised by the handle's next ``put``, ``flush`` or ``close``, once per loss; ``lost`` is the
+    number of items, and ``__cause__`` the error that lost them."""
+
+    def __init__(self, message: str, lost: int) -> None:
+        super().__init__(message)
+        self.lost = lost

@@ -26,7 +26,7 @@ from ._codec import Codec, Serializer
 from ._errors import ClosedError, InvalidKeyError
 from ._lock import Lock, RLock, Semaphore
 from ._messaging import CallbackRunner, Subscription, Watch
-from ._queue import Queue
+from ._queue import Queue, close_buffered_queues, close_queues, open_queue
 
 __all__ = ["AsyncStore", "Entry", "Store"]
 
@@ -109,6 +109,7 @@ class Store:
         self._closed = False
         self._callbacks: CallbackRunner | None = None
         self._guard = threading.Lock()
+        self._buffered_queues: weakref.WeakSet[Queue] = weakref.WeakSet()
         _open_stores.add(self)
 
     # -- identity, pickling, lifecycle ----------------------------------------------------
@@ -136,17 +137,23 @@ class Store:
         return getattr(self._backend, "path", None)
 
     def close(self) -> None:
-        """Release this handle; idempotent. Subscriptions and callbacks end."""
+        """Release this handle; idempotent. Subscriptions and callbacks end. Buffered queue
+        handles opened from it are closed first (raising what their ``close()`` raises, once
+        the store is closed all the same)."""
         with self._guard:
             if self._closed:
                 return
             self._closed = True
             callbacks, self._callbacks = self._callbacks, None
-        if callbacks is not None:
-            callbacks.close()
-        _open_stores.discard(self)
-        backend, self._backend = self._backend, _CLOSED
-        release_backend(backend)
+            buffered_queues = list(self._buffered_queues)
+        try:
+            close_queues(buffered_queues)  # while the backend is open: they write what they hold
+        finally:
+            if callbacks is not None:
+                callbacks.close()
+            _open_stores.discard(self)
+            backend, self._backend = self._backend, _CLOSED
+            release_backend(backend)
 
     def __enter__(self) -> Store:
         return self
@@ -427,9 +434,20 @@ class Store:
         await self._callback_runner().run_loop()
 
     # -- queues and locks --------------------------------------------------------------------
-    def queue(self, name: str, maxsize: int = 0) -> Queue:
-        """The named cross-process FIFO queue (``maxsize`` 0: unbounded)."""
-        return Queue(self._live(), self._codec, self._name(name, "queue name"), maxsize)
+    def queue(self, name: str, maxsize: int = 0, *, buffer: int = 0) -> Queue:
+        """The named cross-process FIFO queue (``maxsize`` 0: unbounded).
+
+        With ``buffer`` > 0 the handle holds back up to that many items on each side, as
+        ``multiprocessing.Queue`` does: ``put`` returns before the item is written (a feeder
+        thread writes batches; ``flush()`` waits for it), ``get`` takes a batch at once. See
+        :class:`~sharedkv.Queue` and docs/architecture.md for what that changes."""
+        queue = open_queue(
+            self._live(), self._codec, self._name(name, "queue name"), maxsize, buffer
+        )
+        if queue.buffer:
+            with self._guard:
+                self._buffered_queues.add(queue)
+        return queue
 
     def lock(self, name: str, timeout: float | None = None) -> Lock:
         """A lock across threads and processes, released if its holder's process dies."""
@@ -481,8 +499,10 @@ _open_stores: weakref.WeakSet[Store] = weakref.WeakSet()
 
 @atexit.register
 def _close_all() -> None:
-    # A clean exit releases everything: ephemeral keys and locks go, and the last process of a
-    # tree removes the store's files.
+    # A clean exit releases everything: buffered queue handles write what they hold (also those
+    # whose store was dropped), ephemeral keys and locks go, and the last process of a tree
+    # removes the store's files.
+    close_buffered_queues()
     for store in list(_open_stores):
         with contextlib.suppress(Exception):
             store.close()
@@ -598,8 +618,8 @@ class AsyncStore:
     def on_message(self, *patterns: str) -> Callable[[F], F]:
         return self.store.on_message(*patterns)
 
-    def queue(self, name: str, maxsize: int = 0) -> Queue:
-        return self.store.queue(name, maxsize)
+    def queue(self, name: str, maxsize: int = 0, *, buffer: int = 0) -> Queue:
+        return self.store.queue(name, maxsize, buffer=buffer)
 
     def lock(self, name: str, timeout: float | None = None) -> Lock:
         return self.store.lock(name, timeout)
