@@ -18,7 +18,11 @@ What is measured, all in one run on one machine, from SPAWNED CHILD PROCESSES:
   Every peer pickles every item (the small item is a tuple: sharedkv stores a bare int as
   decimal text, which would skip pickling).
 
-  - One item per call: ``Store.queue`` ``put``/``get`` on shared memory, the same through
+  - One item per call: ``Store.queue`` ``put``/``get`` on shared memory, the same on buffered
+    handles (``store.queue(name, buffer=BUFFER)``: ``put`` returns before the item is written,
+    as with ``multiprocessing.Queue``, and ``get`` takes up to ``BUFFER`` items at once; the
+    time runs until the consumer has the last item, so the producer's last flush is in it), the
+    same through
     ``sharedkv.liteyuki.Channel``, ``multiprocessing.Queue`` and Redis ``LPUSH``/``BRPOP`` via
     redis-py (a private ``redis-server`` on 127.0.0.1 with ``--save ''``, stopped by pid;
     skipped when the binary is missing).
@@ -30,8 +34,8 @@ What is measured, all in one run on one machine, from SPAWNED CHILD PROCESSES:
 * Queue latency between two processes: ping-pong over two queues, one item per call; one-way
   latency is half a round trip. p50/p99 are of single round trips.
 
-Ratios are sharedkv ops/s divided by the peer's (> 1: sharedkv faster), within each group of
-rows with the same operation and item.
+Ratios are sharedkv ops/s divided by the peer's (> 1: sharedkv faster), for each sharedkv row
+of each group of rows with the same operation and item.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ REDIS_BATCH = "redis LPUSH many/BLMPOP COUNT"
 STOP = ("stop", -1)  # the ping-pong end marker
 SIZES: dict[str, Any] = {"small": ("job", 7), "1 KiB": b"x" * 1024}
 BATCH = 100  # items per put_many/get_many (and per list, per LPUSH, per BLMPOP)
+BUFFER = 100  # the buffer of the buffered handles: items held back on each side
+SHAREDKV_BUFFERED = f"sharedkv queue, buffer={BUFFER}"
 PER_ITEM = "put->get throughput"
 BATCHED = f"put->get throughput, batches of {BATCH}"
 
@@ -182,12 +188,13 @@ class SharedkvSpec:
     prefix: str
     name: str = SHAREDKV
     batch: int = 1
+    buffer: int = 0
 
     def connect(self, which: str) -> Endpoint:
         import sharedkv
 
         store = sharedkv.Store(self.url)
-        q = store.queue(f"{self.prefix}-{which}")
+        q = store.queue(f"{self.prefix}-{which}", buffer=self.buffer)
         return Endpoint(
             q.put,
             lambda: q.get(timeout=60),
@@ -434,6 +441,12 @@ def evaluate_bars(rows: Sequence[h.Row]) -> list[h.Bar]:
             2.0,
         ),
         h.Bar(
+            f"queue throughput, small items, put/get on buffered handles (buffer={BUFFER}) "
+            "vs multiprocessing.Queue",
+            find(rows, SHAREDKV_BUFFERED, PER_ITEM, "small") / mp_queue,
+            2.0,
+        ),
+        h.Bar(
             f"queue throughput, small items, put_many/get_many ({BATCH} per call) "
             "vs multiprocessing.Queue put/get",
             find(rows, SHAREDKV_BATCH, BATCHED, "small") / mp_queue,
@@ -449,17 +462,19 @@ def ratio_lines(rows: Sequence[h.Row]) -> list[str]:
         if row.peer.startswith("sharedkv") or row.peer in ("Store", "shared_memory"):
             continue
         group = (row.op, row.kind)
-        mine = next(r for r in rows if r.peer.startswith("sharedkv") and (r.op, r.kind) == group)
-        if row.op == "one-way latency":
-            lines.append(
-                f"  one-way latency p50: {row.peer} {row.p50_us:.1f} us / {mine.peer} "
-                f"{mine.p50_us:.1f} us = {row.p50_us / mine.p50_us:.2f}x (> 1: sharedkv faster)"
-            )
-        else:
-            lines.append(
-                f"  {row.op}, {row.kind}: {mine.peer} / {row.peer} = "
-                f"{mine.ops_per_s / row.ops_per_s:.2f}x"
-            )
+        for mine in rows:
+            if not mine.peer.startswith("sharedkv") or (mine.op, mine.kind) != group:
+                continue
+            if row.op == "one-way latency":
+                lines.append(
+                    f"  one-way latency p50: {row.peer} {row.p50_us:.1f} us / {mine.peer} "
+                    f"{mine.p50_us:.1f} us = {row.p50_us / mine.p50_us:.2f}x (> 1: sharedkv faster)"
+                )
+            else:
+                lines.append(
+                    f"  {row.op}, {row.kind}: {mine.peer} / {row.peer} = "
+                    f"{mine.ops_per_s / row.ops_per_s:.2f}x"
+                )
     return lines
 
 
@@ -519,6 +534,7 @@ def run(args: argparse.Namespace) -> tuple[list[h.Row], list[h.Bar], list[str]]:
         mp_queues = {"a": h.SPAWN.Queue(), "b": h.SPAWN.Queue()}
         specs: list[Any] = [
             SharedkvSpec(qstore.url, f"q-{run_id}"),
+            SharedkvSpec(qstore.url, f"qbuf-{run_id}", SHAREDKV_BUFFERED, buffer=BUFFER),
             ChannelSpec(qstore.url, f"c-{run_id}"),
             MpQueueSpec(mp_queues),
             SharedkvSpec(qstore.url, f"qb-{run_id}", SHAREDKV_BATCH, BATCH),
@@ -530,7 +546,7 @@ def run(args: argparse.Namespace) -> tuple[list[h.Row], list[h.Bar], list[str]]:
             notes.append("Redis skipped: no redis-server binary")
         else:
             server = stack.enter_context(h.RedisServer())
-            specs.insert(3, RedisSpec(server.host, server.port, f"r-{run_id}"))
+            specs.insert(4, RedisSpec(server.host, server.port, f"r-{run_id}"))
             specs.append(RedisSpec(server.host, server.port, f"rb-{run_id}", REDIS_BATCH, BATCH))
             notes.append(f"redis-server {server.version} on 127.0.0.1:{server.port}, --save ''")
         for size in plan.sizes:
