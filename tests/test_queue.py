@@ -657,7 +657,9 @@ def _buffered_victim(url: str, queue: str, start: Any) -> None:
         time.sleep(0.001)
 
 
-@pytest.mark.parametrize("victim_loop", [_batch_victim, _buffered_victim])
+@pytest.mark.parametrize(
+    "victim_loop", [_batch_victim, _buffered_victim], ids=["get_many", "buffered_get"]
+)
 def test_consumer_killed_holding_a_batch_loses_at_most_that_batch(
     qstore: sharedkv.Store, victim_loop: Any
 ) -> None:
