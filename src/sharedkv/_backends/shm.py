@@ -173,7 +173,8 @@ class _Write:
 
     def __enter__(self) -> _Write:
         b = self.backend
-        b._check()
+        if b._closed or b._forks != _forks:
+            b._check()
         b._wlock.acquire()
         try:
             self.txn = b._begin(None, None, True)  # write=True
@@ -186,7 +187,8 @@ class _Write:
         b = self.backend
         try:
             if exc_type is None:
-                b._maybe_sweep(self)
+                if time.time() >= b._sweep_at:
+                    b._maybe_sweep(self)
                 if self.ctr_dirty:
                     assert self.ctr is not None
                     self.txn.put(b"ctr", _CTR.pack(*self.ctr), True, True, False, b._meta)
@@ -833,8 +835,10 @@ class ShmBackend(Backend):
         ephemeral: bool = False,
     ) -> int:
         kb = key.encode()
-        with self._write() as w:
-            old = self._live_raw(w.txn, kb)
+        with _Write(self) as w:
+            old = w.txn.get(kb, None, self._data)
+            if old is not None and (old[-1] or len(old) < _TSIZE):  # not a plain live record
+                old = self._live_raw(w.txn, kb)
             if if_revision is not None:
                 current = 0 if old is None else _trailer(old)[0]
                 if current != if_revision:
