@@ -837,7 +837,7 @@ class ShmBackend(Backend):
         kb = key.encode()
         with _Write(self) as w:
             old = w.txn.get(kb, None, self._data)
-            if old is not None and (old[-1] or len(old) < _TSIZE):  # not a plain live record
+            if old is not None and (old[-1:] != b"\0" or len(old) < _TSIZE):  # not plain
                 old = self._live_raw(w.txn, kb)
             if if_revision is not None:
                 current = 0 if old is None else _trailer(old)[0]
