@@ -138,7 +138,7 @@ import sharedkv
 from sharedkv._backends import _notify
 s = sharedkv.Store({url!r})
 real = _notify.Notifier.send
-_notify.Notifier.send = lambda self, token, hint: _notify.FULL  # the receiver's socket is full
+_notify.Notifier.send = lambda self, token, hint, endpoint="": _notify.FULL  # socket full
 s.publish("ch.a", "first")
 _notify.Notifier.send = real
 s.publish("ch.b", "second")
@@ -162,10 +162,10 @@ def test_publication_order_across_channels_after_a_drop() -> None:
             route(kind, name)
             routed.set()
 
-        def slow_idle() -> None:
+        def slow_idle(hints: list[tuple[int, str]]) -> None:
             if routed.is_set():
                 release.wait(2.0)
-            on_idle()
+            on_idle(hints)
 
         notifier.route, notifier._on_idle = slow_route, slow_idle
         subprocess.run([sys.executable, "-c", _PUBLISHER.format(url=url)], check=True, timeout=60)
@@ -290,8 +290,8 @@ def test_no_overflow_flag_outlives_a_reaped_subscriber(monkeypatch: pytest.Monke
         backend: Any = store.backend
         real = _notify.Notifier.send
 
-        def send(self: _notify.Notifier, token: str, hint: bytes) -> int:
-            real(self, token, hint)
+        def send(self: _notify.Notifier, token: str, hint: bytes, endpoint: str = "") -> int:
+            real(self, token, hint, endpoint)
             # The receiver's socket was full; before the publisher writes the overflow flag, the
             # receiver is killed and another process reaps what it left.
             os.kill(child.pid, signal.SIGKILL)

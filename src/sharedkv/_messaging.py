@@ -2,8 +2,10 @@
 
 Delivery runs in the subscribing process. A :class:`Subscription` or :class:`Watch` is read by
 iterating it (sync or ``async for``) or with ``get(timeout=...)``. Callbacks registered with
-``Store.on_message`` run, when synchronous, on one thread per store named
-``sharedkv-callbacks``, and when ``async``, as tasks on the event loop that registered them.
+``Store.on_message`` run, when synchronous, on a thread named ``sharedkv-callbacks``, and when
+``async``, as tasks on the event loop that registered them. The callback thread is the
+backend's own where it has one (the shared-memory backend receives the callbacks' wake-ups on
+it, so a message reaches its callback with a single thread wake-up), else one per store handle.
 """
 
 from __future__ import annotations
@@ -190,6 +192,13 @@ class Watch(_Stream["Change | Gap"]):
 Callback = Callable[[Any], Any]
 
 
+def is_async_callable(func: Callback) -> bool:
+    """Whether calling ``func`` makes a coroutine (an ``async def`` function or callable)."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - async callable objects
+    )
+
+
 class _Handler:
     """One registered callback: its subscription, and where it runs."""
 
@@ -197,9 +206,7 @@ class _Handler:
         self.subscription = subscription
         self.func = func
         self.transform = transform  # what the callback receives: the Message, or only its data
-        self.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-            getattr(func, "__call__", None)  # noqa: B004 - async callable objects
-        )
+        self.is_async = is_async_callable(func)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._remove: Callable[[], None] | None = None
@@ -268,8 +275,9 @@ def _finish(future: asyncio.Future[None]) -> None:
 
 
 class CallbackRunner:
-    """Runs message callbacks: sync ones on the ``sharedkv-callbacks`` thread, async ones on
-    their event loop. One per store handle; started on first use."""
+    """Runs message callbacks: sync ones on a ``sharedkv-callbacks`` thread, async ones on
+    their event loop. One per store handle. Sync callbacks run on the backend's callback thread
+    when their feed has one, else on a thread of this runner, started on first use."""
 
     def __init__(self) -> None:
         self._handlers: list[_Handler] = []
@@ -296,8 +304,13 @@ class CallbackRunner:
                 return
             handler.bind(loop)
             return
+        feed = subscription._feed
+        if feed.wakes_on_callback_thread:
+            feed.add_wakeup(handler.run_sync)
+            feed.refresh()  # for messages that came before the wake-up was added
+            return
         self._ensure_thread()
-        subscription._feed.add_wakeup(partial(self._waiting.put, handler))
+        feed.add_wakeup(partial(self._waiting.put, handler))
         self._waiting.put(handler)
 
     def _forget_parent(self) -> None:

@@ -25,7 +25,7 @@ from ._backends.base import Backend, Message
 from ._codec import Codec, Serializer
 from ._errors import ClosedError, InvalidKeyError
 from ._lock import Lock, RLock, Semaphore
-from ._messaging import CallbackRunner, Subscription, Watch
+from ._messaging import CallbackRunner, Subscription, Watch, is_async_callable
 from ._queue import Queue
 
 __all__ = ["AsyncStore", "Entry", "Store"]
@@ -366,13 +366,18 @@ class Store:
 
     def subscribe(self, *patterns: str) -> Subscription:
         """A subscription to channels matching any of ``patterns`` (globs)."""
+        return self._subscription(self._patterns(patterns), callbacks=False)
+
+    def _patterns(self, patterns: tuple[str, ...]) -> tuple[str, ...]:
         if not patterns:
             raise TypeError("subscribe() needs at least one channel or pattern")
-        checked = tuple(_check_pattern(self._name(p, "pattern")) for p in patterns)
+        return tuple(_check_pattern(self._name(p, "pattern")) for p in patterns)
+
+    def _subscription(self, patterns: tuple[str, ...], callbacks: bool) -> Subscription:
         backend = self._live()
-        feed = backend.subscribe(checked)
+        feed = backend.subscribe(patterns, callbacks=callbacks)
         on_gap = getattr(backend, "add_dropped", lambda count: None)
-        return Subscription(feed, self._codec, checked, on_gap)
+        return Subscription(feed, self._codec, patterns, on_gap)
 
     def watch(self, pattern: str = "*", since: int | None = None) -> Watch:
         """Changes to keys matching ``pattern``: set, delete and expire events with revisions.
@@ -397,13 +402,16 @@ class Store:
     def _register_callback(
         self, patterns: tuple[str, ...], transform: Callable[[Message], Any]
     ) -> Callable[[F], F]:
-        subscription = self.subscribe(*patterns)
+        checked = self._patterns(patterns)
+        runner = self._callback_runner()  # a closed store fails here, before decorating
 
         def decorator(func: F) -> F:
             if not callable(func):
-                subscription.close()
                 raise TypeError("the decorated object must be callable")
-            self._callback_runner().add(subscription, func, transform)
+            # A sync callback gets a subscription woken on the backend's callback thread, when
+            # it has one, so that the thread receiving the wake-up runs the callback itself.
+            subscription = self._subscription(checked, callbacks=not is_async_callable(func))
+            runner.add(subscription, func, transform)
             return func
 
         return decorator

@@ -45,12 +45,17 @@ class LocalFeed(Protocol):
     def hint(self, name: str | None) -> None: ...
 
 
+Hints = list[tuple[int, str]]
+
+
 class Notifier:
     """Sends hints to other processes and routes received hints to local feeds.
 
-    ``on_idle`` is called by the receiving thread after each burst of hints and when
-    ``next_deadline()`` (a ``time.monotonic()`` value or None) passes; the backend uses it for
-    overflow checks and timed work such as expiring keys for watchers.
+    A process may have several receiving *endpoints*, each a socket with its own thread, named
+    by a suffix of the process's address (``""`` for the main one). ``on_idle(hints)`` is called
+    by the receiving thread after each burst, with the hints it routed (none when it woke for
+    another reason), and when ``next_deadline()`` (a ``time.monotonic()`` value or None) passes;
+    the backend uses it for overflow checks and timed work such as expiring keys for watchers.
     """
 
     def __init__(
@@ -58,20 +63,26 @@ class Notifier:
         store_id: str,
         directory: str,
         token_hex: str,
-        on_idle: Callable[[], None],
-        next_deadline: Callable[[], float | None],
+        on_idle: Callable[[Hints], None],
+        next_deadline: Callable[[], float | None] = lambda: None,
         on_exit: Callable[[bytes], None] = lambda token: None,
+        *,
+        endpoint: str = "",
+        thread_name: str | None = None,
     ) -> None:
         self._store_id = store_id
         self._directory = directory
         self._on_idle = on_idle
         self._next_deadline = next_deadline
         self._on_exit = on_exit
+        self._thread_name = thread_name or f"sharedkv-notify-{store_id[:8]}"
         # Processes whose exit we are told about by the kernel (pidfd), by token.
         self._watched: dict[bytes, int] = {}
         self._pidfds: dict[int, bytes] = {}
-        self.address = self.address_of(token_hex)
+        self._addresses: dict[tuple[str, str], str | bytes] = {}
+        self.address = self.address_of(token_hex, endpoint)
         self._feeds: list[LocalFeed] = []
+        self._to_hint: list[LocalFeed] = []  # feeds the thread must tell to re-read, once
         self._lock = threading.Lock()
         self._recv: socket.socket | None = None
         self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -81,15 +92,22 @@ class Notifier:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
-    def address_of(self, token_hex: str) -> str | bytes:
-        if _ABSTRACT:
-            return f"\0sharedkv-{self._store_id}-{token_hex}".encode()
-        return os.path.join(self._directory, "sock", token_hex)
+    def address_of(self, token_hex: str, endpoint: str = "") -> str | bytes:
+        address = self._addresses.get((token_hex, endpoint))
+        if address is None:
+            if _ABSTRACT:
+                address = f"\0sharedkv-{self._store_id}-{token_hex}{endpoint}".encode()
+            else:
+                address = os.path.join(self._directory, "sock", token_hex + endpoint)
+            if len(self._addresses) > 4096:
+                self._addresses.clear()
+            self._addresses[(token_hex, endpoint)] = address
+        return address
 
     # -- sending ------------------------------------------------------------------------
-    def send(self, token_hex: str, hint: bytes) -> int:
+    def send(self, token_hex: str, hint: bytes, endpoint: str = "") -> int:
         try:
-            self._send.sendto(hint, self.address_of(token_hex))
+            self._send.sendto(hint, self.address_of(token_hex, endpoint))
         except BlockingIOError:
             return FULL
         except (ConnectionRefusedError, FileNotFoundError):
@@ -123,9 +141,7 @@ class Notifier:
             sock.bind(self.address)
             sock.setblocking(False)
             self._recv = sock
-            self._thread = threading.Thread(
-                target=self._run, name=f"sharedkv-notify-{self._store_id[:8]}", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
             self._thread.start()
 
     def add(self, feed: LocalFeed) -> None:
@@ -137,11 +153,14 @@ class Notifier:
             if feed in self._feeds:
                 self._feeds.remove(feed)
 
+    @property
+    def feeds(self) -> list[LocalFeed]:
+        with self._lock:
+            return list(self._feeds)
+
     def route(self, kind: int, name: str | None) -> None:
         """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``)."""
-        with self._lock:
-            feeds = list(self._feeds)
-        for feed in feeds:
+        for feed in self.feeds:
             try:
                 if name is None or feed.matches(kind, name):
                     feed.hint(name)
@@ -187,6 +206,13 @@ class Notifier:
             poller.register(fd, select.POLLIN)
         return exited
 
+    def wake_feed(self, feed: LocalFeed) -> None:
+        """Have the routing thread tell ``feed`` to re-read everything, soon: its wake-ups then
+        run on that thread."""
+        with self._lock:
+            self._to_hint.append(feed)
+        self.wake()
+
     def wake(self) -> None:
         """Make the routing thread run ``on_idle`` soon (for example after a deadline changed)."""
         with contextlib.suppress(BlockingIOError, OSError):
@@ -224,11 +250,18 @@ class Notifier:
                 if fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                    with self._lock:
+                        to_hint, self._to_hint = self._to_hint, []
+                    for feed in to_hint:
+                        try:
+                            feed.hint(None)
+                        except Exception:
+                            log.exception("sharedkv: a feed failed to take a wake-up")
                 elif fd in self._pidfds:
                     exited.append(self._pidfds.pop(fd))
                     poller.unregister(fd)
                     os.close(fd)
-            hints: dict[tuple[int, str], None] = {}
+            received: dict[tuple[int, str], None] = {}
             while True:
                 try:
                     data = sock.recv(65536)
@@ -239,11 +272,12 @@ class Notifier:
                         return
                     raise
                 if data:
-                    hints[(data[0], data[1:].decode("utf-8", "replace"))] = None
+                    received[(data[0], data[1:].decode("utf-8", "replace"))] = None
+            hints = list(received)
             for kind, name in hints:
                 self.route(kind, name)
             try:
-                self._on_idle()
+                self._on_idle(hints)
             except Exception:
                 if self._closing:
                     return

@@ -112,6 +112,11 @@ class Feed(ABC):
     polls: a reader that finds nothing sleeps on a condition variable until notified.
     """
 
+    #: Whether the backend calls this feed's wake-ups on a thread of its own named
+    #: ``sharedkv-callbacks`` (a subscription asked for with ``callbacks=True``), so that sync
+    #: callbacks can run right there instead of being handed to another thread.
+    wakes_on_callback_thread = False
+
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._generation = 0
@@ -159,6 +164,11 @@ class Feed(ABC):
 
         return remove
 
+    def refresh(self) -> None:
+        """Run the wake-ups soon, as if anything may have changed, on the thread that usually
+        runs them (for example once a wake-up was added, for events that came before it)."""
+        self.notify()
+
     def arm(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Ask to be woken from now on. Wake-up-only feeds (queue and lock waits) register with
         other processes only while someone actually waits, so that writers pay nothing for
@@ -198,6 +208,9 @@ class HintedFeed(Feed):
             else:
                 self._hinted[name] = None
         self.notify()
+
+    def refresh(self) -> None:
+        self.hint(None)
 
     def take_hints(self) -> tuple[list[str], bool]:
         """The names hinted since the last call, and whether everything must be re-read."""
@@ -299,8 +312,11 @@ class Backend(ABC):
         return True
 
     @abstractmethod
-    def subscribe(self, patterns: Iterable[str]) -> Feed:
-        """A feed of ``(channel, payload, seq, pattern)`` tuples and :class:`Gap` markers."""
+    def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
+        """A feed of ``(channel, payload, seq, pattern)`` tuples and :class:`Gap` markers.
+
+        ``callbacks``: the feed will drive sync callbacks. A backend that has a thread for
+        them wakes the feed there (see :attr:`Feed.wakes_on_callback_thread`)."""
 
     @abstractmethod
     def watch(self, pattern: str, since: int | None) -> Feed:

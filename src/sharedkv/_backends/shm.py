@@ -19,6 +19,7 @@ Named databases inside the environment::
     interest kind + pattern + NUL + owner -> count   who wants wake-ups for what
     chan     channel -> last seq, first retained seq, retained bytes
     msgs     channel + NUL + be64(seq) -> msg id + payload
+    hinted   owner + kind + channel -> time sent, seq   a message wake-up not yet taken
     queue    name + NUL + be64(seq) -> item;   qmeta  name -> head, tail
     locks    name + NUL + owner + ident -> since, thread id, thread name
     procs    owner -> attach time            processes that registered anything
@@ -87,6 +88,15 @@ _OPS = {_OP_SET: "set", _OP_DELETE: "delete", _OP_EXPIRE: "expire"}
 
 # interest kinds (first byte of a hint)
 K_MESSAGE, K_KEY, K_QUEUE, K_LOCK = b"m", b"k", b"q", b"l"
+# Messages for subscriptions that drive sync callbacks: their hints go to a socket of their own,
+# read by the thread that runs those callbacks, so a message costs one thread wake-up, not two.
+K_CALLBACK = b"c"
+_CALLBACKS_ENDPOINT = "c"  # suffix of that socket's address
+_MESSAGE_KINDS = (K_MESSAGE, K_CALLBACK)
+# A message wake-up still untaken after this long is sent again: one lost to a receiver that
+# died is then refused by the kernel, which is how publishers learn of the death.
+_HINT_RESEND_S = 0.5
+_HINTED = struct.Struct("<dQ")  # time.time() when sent, the seq that was announced
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEFAULT_MAP = 1 << 40
@@ -233,6 +243,11 @@ class _Write:
             self.hints[(token, kind + name)] = 1
 
 
+def _overflow_key(token: bytes, endpoint: str) -> bytes:
+    """The meta key flagging that a hint to this endpoint of ``token`` was lost."""
+    return b"ovf" + token + endpoint.encode()
+
+
 def _well_formed(raw: bytes) -> bool:
     """Whether a data record has a header we can read (anything we wrote has)."""
     if len(raw) < _HSIZE or raw[0] & ~(_F_EXPIRES | _F_EPHEMERAL):
@@ -316,6 +331,8 @@ class ShmBackend(Backend):
         self._reg_version = -1
         self._reg: list[tuple[bytes, str, str, int]] = []  # kind, pattern, token, count
         self._match_cache: dict[tuple[bytes, str], dict[str, int]] = {}
+        # channel -> who follows it: (token, token hex, kind, subscriptions), both message kinds
+        self._targets_cache: dict[str, tuple[tuple[bytes, str, bytes, int], ...]] = {}
         self._dead: set[bytes] = set()
         self._registered = False
         self._sweep_at = 0.0
@@ -328,6 +345,8 @@ class ShmBackend(Backend):
             self._next_deadline,
             self._on_process_exit,
         )
+        # The socket and thread of sync message callbacks, made for the first of them.
+        self._callbacks: _notify.Notifier | None = None
         # Leftovers of crashed processes: LMDB reader slots, then our own records of them.
         self._env.reader_check()
         with contextlib.suppress(BackendError):
@@ -451,6 +470,7 @@ class ShmBackend(Backend):
             self._locks = env.open_db(b"locks", txn=txn)
             self._procs = env.open_db(b"procs", txn=txn)
             self._eph = env.open_db(b"eph", txn=txn)
+            self._hinted = env.open_db(b"hinted", txn=txn)
         self.max_key_bytes = min(511, env.max_key_size())
         # Names become LMDB keys with a suffix: NUL + owner (12) + acquisition id (8) for locks.
         self.max_name_bytes = self.max_key_bytes - 21
@@ -458,7 +478,8 @@ class ShmBackend(Backend):
     def _after_fork(self) -> None:
         """In a forked child: abandon the parent's handles, then attach anew."""
         _orphans.append(self._env)
-        self._notifier.abandon()
+        for notifier in self._notifiers():
+            notifier.abandon()
         inherited = list(self._feeds)
         with contextlib.suppress(OSError):
             os.close(self._attach_fd)  # our copy only; the parent keeps its own
@@ -489,11 +510,13 @@ class ShmBackend(Backend):
             self._closed = True
         if self._pid != os.getpid():
             _orphans.append(self._env)
-            self._notifier.abandon()
+            for notifier in self._notifiers():
+                notifier.abandon()
             return
         for feed in list(self._feeds):
             feed.close()
-        self._notifier.close()
+        for notifier in self._notifiers():
+            notifier.close()
         try:
             if self._registered:
                 self._reap(self._me.token)
@@ -521,36 +544,58 @@ class ShmBackend(Backend):
     def _write(self) -> _Write:
         return _Write(self)
 
+    def _notifiers(self) -> list[_notify.Notifier]:
+        return [self._notifier] if self._callbacks is None else [self._notifier, self._callbacks]
+
+    def _receiver(self, kind: bytes) -> _notify.Notifier:
+        """The notifier whose thread receives hints of ``kind`` in this process."""
+        if kind != K_CALLBACK:
+            return self._notifier
+        with self._lock:
+            if self._callbacks is None:
+                # Its thread runs the sync callbacks itself, right where their wake-up arrives.
+                self._callbacks = _notify.Notifier(
+                    self._store_id,
+                    self.path,
+                    self._token,
+                    self._on_callbacks_idle,
+                    endpoint=_CALLBACKS_ENDPOINT,
+                    thread_name="sharedkv-callbacks",
+                )
+            return self._callbacks
+
     def _send_hints(self, hints: dict[tuple[str, bytes], int]) -> int:
         reached = 0
         dead: set[str] = set()
-        full: set[str] = set()
+        full: set[bytes] = set()
         send = self._notifier.send
         for (token, hint), count in hints.items():
             if token in dead:
                 continue
-            if token == self._token and self._notifier.listening:
-                # Our own process: route directly, no socket round trip.
+            endpoint = _CALLBACKS_ENDPOINT if hint[0] == K_CALLBACK[0] else ""
+            if token == self._token and not endpoint and self._notifier.listening:
+                # Our own process: route directly, no socket round trip. (Callbacks go through
+                # their socket, so that they run on their own thread.)
                 self._notifier.route(hint[0], hint[1:].decode())
                 reached += count
                 continue
-            result = send(token, hint)
+            result = send(token, hint, endpoint)
             if result == _notify.SENT:
                 reached += count
             elif result == _notify.FULL:
                 reached += count
-                full.add(token)
+                full.add(_overflow_key(bytes.fromhex(token), endpoint))
             else:
                 dead.add(token)
         if full:
             # The receiver's socket buffer is full: flag it, so it re-reads everything it
             # follows. While a flag is already up there is nothing to write (a read is cheap).
             with self._env.begin(db=self._meta) as txn:
-                full = {t for t in full if txn.get(b"ovf" + bytes.fromhex(t)) is None}
+                full = {key for key in full if txn.get(key) is None}
         if full:
             with self._write() as w:
-                for token in full:
-                    w.txn.put(b"ovf" + bytes.fromhex(token), b"1", db=self._meta)
+                for key in full:
+                    w.txn.put(key, b"1", db=self._meta)
         for token in dead:
             if not _proc.ProcessId.from_token(bytes.fromhex(token)).alive():
                 self._reap(bytes.fromhex(token))
@@ -891,6 +936,25 @@ class ShmBackend(Backend):
         self._reg = reg
         self._reg_version = version
         self._match_cache = {}
+        self._targets_cache = {}
+
+    def _message_targets(self, channel: str) -> tuple[tuple[bytes, str, bytes, int], ...]:
+        """Who follows ``channel`` by the cached registry: (token, token hex, kind, count).
+
+        Callers make sure the registry is current (its version read in their transaction)."""
+        found = self._targets_cache.get(channel)
+        if found is None:
+            counts: dict[tuple[str, bytes], int] = {}
+            for rkind, pattern, token, count in self._reg:
+                if rkind not in _MESSAGE_KINDS:
+                    continue
+                if pattern == channel or fnmatchcase(channel, pattern):
+                    counts[(token, rkind)] = counts.get((token, rkind), 0) + count
+            found = tuple((bytes.fromhex(t), t, k, n) for (t, k), n in counts.items())
+            if len(self._targets_cache) > 4096:
+                self._targets_cache.clear()
+            self._targets_cache[channel] = found
+        return found
 
     def _add_interest(self, w: _Write, kind: bytes, pattern: str, delta: int) -> None:
         ik = kind + pattern.encode() + b"\0" + self._me.token
@@ -932,7 +996,9 @@ class ShmBackend(Backend):
                     self._remove(txn, kb, raw)
                     w.changed(_OP_DELETE, kb, None, w.next_rev())
             txn.delete(token, db=self._procs)
-            txn.delete(b"ovf" + token, db=self._meta)
+            txn.delete(_overflow_key(token, ""), db=self._meta)
+            txn.delete(_overflow_key(token, _CALLBACKS_ENDPOINT), db=self._meta)
+            _delete_prefix(txn, self._hinted, token)
 
     def reap_dead(self) -> int:
         """Release what dead processes left behind; returns how many processes were reaped."""
@@ -945,7 +1011,7 @@ class ShmBackend(Backend):
                 for key, _ in cur:
                     if not key.startswith(b"ovf"):
                         break
-                    tokens.add(bytes(key[3:]))
+                    tokens.add(bytes(key[3 : 3 + _TOKEN_SIZE]))
         dead = [t for t in tokens if not _proc.ProcessId.from_token(t).alive()]
         for token in dead:
             self._reap(token)
@@ -984,17 +1050,9 @@ class ShmBackend(Backend):
         if not self._closed and self._pid == os.getpid():
             self._reap(token)
 
-    def _on_idle(self) -> None:
-        if self._closed or self._pid != os.getpid():
+    def _on_idle(self, hints: _notify.Hints) -> None:
+        if not self._take_hints(self._notifier, K_MESSAGE, "", hints):
             return
-        ovf = b"ovf" + self._me.token
-        with self._env.begin(db=self._meta) as txn:
-            overflowed = txn.get(ovf) is not None
-        if overflowed:
-            with self._write() as w:
-                w.txn.delete(ovf, db=self._meta)
-            for feed in list(self._feeds):
-                feed.hint(None)
         if any(f.kind == K_KEY for f in list(self._feeds)):
             nxt = self._next_expiry()
             if nxt is not None and nxt <= time.time():
@@ -1010,25 +1068,88 @@ class ShmBackend(Backend):
                     if not _proc.ProcessId.from_token(token).alive():
                         self._reap(token)
 
+    def _on_callbacks_idle(self, hints: _notify.Hints) -> None:
+        if self._callbacks is not None:
+            self._take_hints(self._callbacks, K_CALLBACK, _CALLBACKS_ENDPOINT, hints)
+
+    def _take_hints(
+        self, receiver: _notify.Notifier, kind: bytes, endpoint: str, hints: _notify.Hints
+    ) -> bool:
+        """After ``receiver`` routed a burst: take down the "hinted" marks of the message
+        wake-ups it brought, so that publishers send the next ones, and re-read everything when
+        a wake-up was lost to a full socket. False when this backend can no longer be used here.
+
+        A publisher that finds a mark sends nothing, so every message published while the mark
+        was up must still be read: a channel that moved past the announced message is routed
+        again, after the mark is gone (its first routing may have read too early)."""
+        if self._closed or self._pid != os.getpid():
+            return False
+        token = self._me.token
+        ovf = _overflow_key(token, endpoint)
+        names = [name for k, name in hints if k == kind[0]]
+        again: list[str] = []
+        if names:
+            with self._write() as w:
+                txn = w.txn
+                overflowed = txn.pop(ovf, db=self._meta) is not None
+                for name in names:
+                    cb = name.encode()
+                    mark = txn.pop(token + kind + cb, db=self._hinted)
+                    if mark is None:
+                        continue
+                    meta = txn.get(cb, db=self._chan)
+                    if len(mark) != _HINTED.size or (
+                        meta is not None and _CHAN.unpack(meta)[0] > _HINTED.unpack(mark)[1]
+                    ):
+                        again.append(name)
+                if overflowed:
+                    _delete_prefix(txn, self._hinted, token + kind)
+        else:
+            with self._env.begin(db=self._meta) as txn:
+                overflowed = txn.get(ovf) is not None
+            if overflowed:
+                with self._write() as w:
+                    w.txn.delete(ovf, db=self._meta)
+                    _delete_prefix(w.txn, self._hinted, token + kind)
+        if overflowed:
+            for feed in receiver.feeds:
+                feed.hint(None)
+        for name in again:
+            receiver.route(kind[0], name)
+        return True
+
     # -- messaging -------------------------------------------------------------------------
+    def _current_registry(self, txn: Any) -> None:
+        version = _read_counters(txn, self._meta)[IVER]
+        if version != self._reg_version:
+            self._load_registry(txn, version)
+
     def has_subscribers(self, channel: str) -> bool:
         if self._forks != _forks:
             self._check()
+        if self._message_targets(channel):
+            return True  # as last seen; publish() checks again in its transaction
         with self._env.begin() as txn:
-            version = _read_counters(txn, self._meta)[IVER]
-            return bool(self._interested(txn, version, K_MESSAGE, channel))
+            self._current_registry(txn)
+        return bool(self._message_targets(channel))
 
     def publish(self, channel: str, payload: bytes) -> int:
         self._check()
-        cb = channel.encode()
-        # Most publishes with nobody listening stop here, after one read transaction.
-        with self._env.begin() as txn:
-            version = _read_counters(txn, self._meta)[IVER]
-            if not self._interested(txn, version, K_MESSAGE, channel):
+        if not self._message_targets(channel):
+            # Most publishes with nobody listening stop here, after one read transaction.
+            with self._env.begin() as txn:
+                self._current_registry(txn)
+            if not self._message_targets(channel):
                 return 0
+        cb = channel.encode()
+        hints: dict[tuple[str, bytes], int] = {}
+        reached = 0
         with self._write() as w:
             txn = w.txn
-            targets = w.interested(K_MESSAGE, channel)
+            ctr = w.counters()
+            if ctr[IVER] != self._reg_version:
+                self._load_registry(txn, ctr[IVER])
+            targets = self._message_targets(channel)
             if not targets:
                 return 0
             msgid = w.bump(MSGS)
@@ -1046,13 +1167,28 @@ class ShmBackend(Backend):
                     nbytes -= len(old) - 8
                 first += 1
             txn.put(cb, _CHAN.pack(seq, first, nbytes), db=self._chan)
-            for token, count in targets.items():
-                w.hints[(token, K_MESSAGE + cb)] = count
-            hints, w.hints = w.hints, {}
-        return self._send_hints(hints)
+            now = time.time()
+            for token, token_hex, kind, count in targets:
+                if token_hex == self._token and kind == K_MESSAGE:
+                    hints[(token_hex, kind + cb)] = count  # routed in this process, at once
+                    continue
+                # One wake-up per channel until the receiver has taken it (see _take_hints):
+                # a burst of messages costs one datagram, and no socket fills up.
+                mark_key = token + kind + cb
+                mark = txn.get(mark_key, db=self._hinted)
+                if (
+                    mark is not None
+                    and len(mark) == _HINTED.size
+                    and abs(now - _HINTED.unpack(mark)[0]) < _HINT_RESEND_S
+                ):
+                    reached += count
+                    continue
+                txn.put(mark_key, _HINTED.pack(now, seq), db=self._hinted)
+                hints[(token_hex, kind + cb)] = count
+        return reached + self._send_hints(hints)
 
-    def subscribe(self, patterns: Iterable[str]) -> Feed:
-        return _MessageFeed(self, tuple(patterns))
+    def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
+        return _MessageFeed(self, tuple(patterns), K_CALLBACK if callbacks else K_MESSAGE)
 
     def watch(self, pattern: str, since: int | None) -> Feed:
         return _WatchFeed(self, pattern, since)
@@ -1221,6 +1357,13 @@ def _reader_pids(env: Any) -> list[int]:
     return sorted(pids)
 
 
+def _delete_prefix(txn: Any, db: Any, prefix: bytes) -> None:
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix):
+        while cur.key().startswith(prefix) and cur.delete():
+            pass
+
+
 def _literal_prefix(pattern: str | None) -> bytes:
     """The part of a glob before its first wildcard, to seek instead of scanning everything."""
     if not pattern:
@@ -1251,9 +1394,10 @@ class _ShmFeed(HintedFeed):
 
     def _start(self) -> None:
         b = self.backend
+        receiver = b._receiver(self.kind)
         b._feeds.add(self)
-        b._notifier.add(self)
-        b._notifier.listen()
+        receiver.add(self)
+        receiver.listen()
         b._notifier.wake()  # let the notifier look at deadlines and owners for this feed
 
     def matches(self, kind: int, name: str) -> bool:
@@ -1263,7 +1407,7 @@ class _ShmFeed(HintedFeed):
         if self.closed:
             return
         b = self.backend
-        b._notifier.remove(self)
+        b._receiver(self.kind).remove(self)
         b._feeds.discard(self)
         super().close()
         if b._closed or b._pid != os.getpid():
@@ -1274,9 +1418,12 @@ class _ShmFeed(HintedFeed):
 
 
 class _MessageFeed(_ShmFeed):
-    kind = K_MESSAGE
+    """A subscription: read by threads and event loops (``K_MESSAGE``), or by sync callbacks
+    that the ``sharedkv-callbacks`` thread runs as wake-ups of this feed (``K_CALLBACK``)."""
 
-    def __init__(self, backend: ShmBackend, patterns: tuple[str, ...]) -> None:
+    def __init__(self, backend: ShmBackend, patterns: tuple[str, ...], kind: bytes) -> None:
+        self.kind = kind
+        self.wakes_on_callback_thread = kind == K_CALLBACK
         super().__init__(backend, patterns)
         # Where each channel stood when we subscribed: later messages are ours, and any of
         # them trimmed before we read them are reported as a gap.
@@ -1310,6 +1457,9 @@ class _MessageFeed(_ShmFeed):
                 if channel not in seen and fnmatchcase(channel, pattern):
                     seen.add(channel)
                     yield channel, bytes(meta)
+
+    def refresh(self) -> None:
+        self.backend._receiver(self.kind).wake_feed(self)
 
     def fetch(self) -> list[Any]:
         dirty, everything = self.take_hints()
