@@ -23,7 +23,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backends.base import Change, Feed, Gap, Message
-from ._errors import ClosedError, TimeoutError
+from ._errors import ClosedError, SerializationError, TimeoutError
 from ._wait import resolve_timeout, retry_until, retry_until_async, wait_async
 
 if TYPE_CHECKING:
@@ -55,12 +55,32 @@ class _Stream(Generic[E]):
     def _fill(self) -> bool:
         with self._read_lock:
             if not self._pending:
-                for raw in self._feed.fetch():
-                    if isinstance(raw, Gap):
-                        self.dropped += raw.count
-                        self._note_gap(raw)
-                    self._pending.append(raw)
+                self._fetch()
             return bool(self._pending)
+
+    def _fetch(self) -> None:
+        """Append what the feed has now to the pending events; the caller holds _read_lock."""
+        for raw in self._feed.fetch():
+            if isinstance(raw, Gap):
+                self.dropped += raw.count
+                self._note_gap(raw)
+            self._pending.append(raw)
+
+    def take_all(self) -> list[E]:
+        """Every event available now, decoded, in order, with one read of the feed. An event
+        that cannot be decoded is logged and left out (for callbacks, which have no caller to
+        raise to)."""
+        events: list[E] = []
+        if self._feed.closed:
+            return events
+        with self._read_lock:
+            self._fetch()
+            while self._pending:
+                try:
+                    events.append(self._pop())
+                except SerializationError:
+                    log.exception("sharedkv: a message could not be decoded; it was skipped")
+        return events
 
     def _note_gap(self, gap: Gap) -> None:
         pass
@@ -212,17 +232,7 @@ class _Handler:
         self._remove: Callable[[], None] | None = None
 
     def events(self) -> list[Message]:
-        out = []
-        while True:
-            try:
-                event = self.subscription.get_nowait()
-            except ClosedError:
-                break
-            if event is None:
-                break
-            if isinstance(event, Message):
-                out.append(event)
-        return out
+        return [event for event in self.subscription.take_all() if isinstance(event, Message)]
 
     # -- async callbacks ----------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -100,6 +100,7 @@ class Store:
         self._backend: Backend
         self._backend, self.url = open_backend(url, options)
         self._max_key = self._backend.max_key_bytes
+        self._max_name = self._backend.max_name_bytes
         self._closed = False
         self._callbacks: CallbackRunner | None = None
         self._guard = threading.Lock()
@@ -358,8 +359,11 @@ class Store:
         """Send ``data`` to every subscriber of ``channel``, in any process; returns how many
         subscriptions it reached. With no subscriber it returns 0 at once, without even
         serializing ``data`` (so a value that cannot be serialized goes unnoticed there)."""
-        channel = self._name(channel, "channel")
-        backend = self._live()
+        # The fast name check of _key(), inlined: publish is on the path of every message.
+        plain = type(channel) is str and channel.isascii() and 0 < len(channel) <= self._max_name
+        if not plain or "\0" in channel:
+            channel = self._name(channel, "channel")
+        backend = self._backend
         if not backend.has_subscribers(channel):
             return 0  # nobody listens: not even worth pickling the message
         return backend.publish(channel, self._codec.encode(data))

@@ -78,10 +78,12 @@ class Notifier:
         self._thread_name = thread_name or f"sharedkv-notify-{store_id[:8]}"
         # Processes whose exit we are told about by the kernel (pidfd), by token.
         self._watched: dict[bytes, int] = {}
+        self._watched_changed = False
         self._pidfds: dict[int, bytes] = {}
         self._addresses: dict[tuple[str, str], str | bytes] = {}
         self.address = self.address_of(token_hex, endpoint)
-        self._feeds: list[LocalFeed] = []
+        # Replaced, never changed in place: the routing thread reads it without the lock.
+        self._feeds: tuple[LocalFeed, ...] = ()
         self._to_hint: list[LocalFeed] = []  # feeds the thread must tell to re-read, once
         self._lock = threading.Lock()
         self._recv: socket.socket | None = None
@@ -146,21 +148,19 @@ class Notifier:
 
     def add(self, feed: LocalFeed) -> None:
         with self._lock:
-            self._feeds.append(feed)
+            self._feeds = (*self._feeds, feed)
 
     def remove(self, feed: LocalFeed) -> None:
         with self._lock:
-            if feed in self._feeds:
-                self._feeds.remove(feed)
+            self._feeds = tuple(f for f in self._feeds if f is not feed)
 
     @property
-    def feeds(self) -> list[LocalFeed]:
-        with self._lock:
-            return list(self._feeds)
+    def feeds(self) -> tuple[LocalFeed, ...]:
+        return self._feeds
 
     def route(self, kind: int, name: str | None) -> None:
         """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``)."""
-        for feed in self.feeds:
+        for feed in self._feeds:
             try:
                 if name is None or feed.matches(kind, name):
                     feed.hint(name)
@@ -171,7 +171,9 @@ class Notifier:
         """Report (through ``on_exit``) when any of these processes (token -> pid) exits."""
         with self._lock:
             changed = processes != self._watched
-            self._watched = dict(processes)
+            if changed:
+                self._watched = dict(processes)
+                self._watched_changed = True
         if changed:
             self.wake()
 
@@ -181,6 +183,7 @@ class Notifier:
 
         with self._lock:
             wanted = dict(self._watched)
+            self._watched_changed = False
         exited: list[bytes] = []
         current = {token: fd for fd, token in self._pidfds.items()}
         for token, fd in current.items():
@@ -223,12 +226,16 @@ class Notifier:
 
         sock = self._recv
         assert sock is not None
+        fileno, recv = sock.fileno(), sock.recv
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(fileno, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        # Asks whether another datagram waits: cheaper than a recv that fails with EAGAIN.
+        waiting = select.poll()
+        waiting.register(fileno, select.POLLIN)
         exited: list[bytes] = []
         while not self._closing:
-            if _HAS_PIDFD:
+            if self._watched_changed:
                 exited += self._sync_pidfds(poller)
             for token in exited:
                 try:
@@ -246,8 +253,23 @@ class Notifier:
                 continue
             if self._closing:
                 break
+            received: dict[tuple[int, str], None] = {}
             for fd, _ in ready:
-                if fd == self._wake_r:
+                if fd == fileno:
+                    try:
+                        while True:
+                            data = recv(65536)
+                            if data:
+                                received[(data[0], data[1:].decode("utf-8", "replace"))] = None
+                            if not waiting.poll(0):
+                                break
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        if self._closing:
+                            return
+                        raise
+                elif fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
                     with self._lock:
@@ -261,18 +283,6 @@ class Notifier:
                     exited.append(self._pidfds.pop(fd))
                     poller.unregister(fd)
                     os.close(fd)
-            received: dict[tuple[int, str], None] = {}
-            while True:
-                try:
-                    data = sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    if self._closing:
-                        return
-                    raise
-                if data:
-                    received[(data[0], data[1:].decode("utf-8", "replace"))] = None
             hints = list(received)
             for kind, name in hints:
                 self.route(kind, name)

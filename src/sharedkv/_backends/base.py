@@ -120,16 +120,25 @@ class Feed(ABC):
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._generation = 0
-        self._wakeups: list[_Wakeup] = []
+        self._sleepers = 0  # threads in wait(): without any, a notify skips the condition
+        # Replaced, never changed in place, so that a notify runs them without a copy.
+        self._wakeups: tuple[_Wakeup, ...] = ()
         self.closed = False
 
     # -- called by the backend's notification layer ---------------------------------------
     def notify(self) -> None:
         with self._cond:
-            self._generation += 1
+            self._changed()
+        self._run_wakeups()
+
+    def _changed(self) -> None:
+        """Count a change and wake the sleeping readers; the caller holds ``_cond``."""
+        self._generation += 1
+        if self._sleepers:
             self._cond.notify_all()
-            wakeups = list(self._wakeups)
-        for wakeup in wakeups:
+
+    def _run_wakeups(self) -> None:
+        for wakeup in self._wakeups:
             if wakeup.active:
                 wakeup.callback()
 
@@ -147,20 +156,23 @@ class Feed(ABC):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self._sleepers += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._sleepers -= 1
             return True
 
     def add_wakeup(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) on every notify; returns its remover."""
         wakeup = _Wakeup(callback)
         with self._cond:
-            self._wakeups.append(wakeup)
+            self._wakeups = (*self._wakeups, wakeup)
 
         def remove() -> None:
             wakeup.active = False
             with self._cond:
-                if wakeup in self._wakeups:
-                    self._wakeups.remove(wakeup)
+                self._wakeups = tuple(w for w in self._wakeups if w is not wakeup)
 
         return remove
 
@@ -185,10 +197,7 @@ class Feed(ABC):
         with self._cond:
             self.closed = True
             self._cond.notify_all()
-            wakeups = list(self._wakeups)
-        for wakeup in wakeups:
-            if wakeup.active:
-                wakeup.callback()
+        self._run_wakeups()
 
 
 class HintedFeed(Feed):
@@ -207,7 +216,8 @@ class HintedFeed(Feed):
                 self._everything = True
             else:
                 self._hinted[name] = None
-        self.notify()
+            self._changed()
+        self._run_wakeups()
 
     def refresh(self) -> None:
         self.hint(None)

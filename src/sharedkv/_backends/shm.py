@@ -1134,7 +1134,8 @@ class ShmBackend(Backend):
         return bool(self._message_targets(channel))
 
     def publish(self, channel: str, payload: bytes) -> int:
-        self._check()
+        if self._closed or self._forks != _forks:
+            self._check()
         if not self._message_targets(channel):
             # Most publishes with nobody listening stop here, after one read transaction.
             with self._env.begin() as txn:
@@ -1142,50 +1143,63 @@ class ShmBackend(Backend):
             if not self._message_targets(channel):
                 return 0
         cb = channel.encode()
-        hints: dict[tuple[str, bytes], int] = {}
+        sends: dict[tuple[str, bytes], int] = {}
         reached = 0
-        with self._write() as w:
-            txn = w.txn
-            ctr = w.counters()
-            if ctr[IVER] != self._reg_version:
-                self._load_registry(txn, ctr[IVER])
-            targets = self._message_targets(channel)
-            if not targets:
-                return 0
-            msgid = w.bump(MSGS)
-            meta = txn.get(cb, db=self._chan)
-            last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
-            seq = last + 1
-            txn.put(cb + b"\0" + _BE64.pack(seq), _U64.pack(msgid) + payload, db=self._msgs)
-            nbytes += len(payload)
-            # Bounded buffer: drop the oldest messages past the count or byte limit.
-            while first <= seq - 1 and (
-                seq - first + 1 > self._buffer or nbytes > self._buffer_bytes
-            ):
-                old = txn.pop(cb + b"\0" + _BE64.pack(first), db=self._msgs)
-                if old is not None:
-                    nbytes -= len(old) - 8
-                first += 1
-            txn.put(cb, _CHAN.pack(seq, first, nbytes), db=self._chan)
-            now = time.time()
-            for token, token_hex, kind, count in targets:
-                if token_hex == self._token and kind == K_MESSAGE:
-                    hints[(token_hex, kind + cb)] = count  # routed in this process, at once
-                    continue
-                # One wake-up per channel until the receiver has taken it (see _take_hints):
-                # a burst of messages costs one datagram, and no socket fills up.
-                mark_key = token + kind + cb
-                mark = txn.get(mark_key, db=self._hinted)
-                if (
-                    mark is not None
-                    and len(mark) == _HINTED.size
-                    and abs(now - _HINTED.unpack(mark)[0]) < _HINT_RESEND_S
+        # The hot path of every message: one write transaction, without what _Write adds for
+        # key-value writes (history, sweeping expired keys).
+        with self._wlock:
+            txn = self._env.begin(write=True)
+            try:
+                ctr = _read_counters(txn, self._meta)
+                if ctr[IVER] != self._reg_version:
+                    self._load_registry(txn, ctr[IVER])
+                targets = self._message_targets(channel)
+                if not targets:
+                    txn.abort()
+                    return 0
+                ctr[MSGS] += 1
+                meta = txn.get(cb, db=self._chan)
+                last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
+                seq = last + 1
+                txn.put(cb + b"\0" + _BE64.pack(seq), _U64.pack(ctr[MSGS]) + payload, db=self._msgs)
+                nbytes += len(payload)
+                # Bounded buffer: drop the oldest messages past the count or byte limit.
+                while first < seq and (
+                    seq - first + 1 > self._buffer or nbytes > self._buffer_bytes
                 ):
-                    reached += count
-                    continue
-                txn.put(mark_key, _HINTED.pack(now, seq), db=self._hinted)
-                hints[(token_hex, kind + cb)] = count
-        return reached + self._send_hints(hints)
+                    old = txn.pop(cb + b"\0" + _BE64.pack(first), db=self._msgs)
+                    if old is not None:
+                        nbytes -= len(old) - 8
+                    first += 1
+                txn.put(cb, _CHAN.pack(seq, first, nbytes), db=self._chan)
+                txn.put(b"ctr", _CTR.pack(*ctr), db=self._meta)
+                now = time.time()
+                mark = _HINTED.pack(now, seq)
+                for token, token_hex, kind, count in targets:
+                    if token_hex == self._token and kind == K_MESSAGE:
+                        sends[(token_hex, kind + cb)] = count  # routed in this process, at once
+                        continue
+                    # One wake-up per channel until the receiver has taken it (_take_hints):
+                    # a burst of messages costs one datagram, and no socket fills up.
+                    mark_key = token + kind + cb
+                    if not txn.put(mark_key, mark, db=self._hinted, overwrite=False):
+                        sent = txn.get(mark_key, db=self._hinted)
+                        if (
+                            len(sent) == _HINTED.size
+                            and abs(now - _HINTED.unpack(sent)[0]) < _HINT_RESEND_S
+                        ):
+                            reached += count
+                            continue
+                        txn.put(mark_key, mark, db=self._hinted)
+                    sends[(token_hex, kind + cb)] = count
+                txn.commit()
+            except BaseException as exc:
+                with contextlib.suppress(lmdb.Error):
+                    txn.abort()
+                if isinstance(exc, lmdb.Error):
+                    raise _translate(self, exc) from exc
+                raise
+        return reached + self._send_hints(sends)
 
     def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
         return _MessageFeed(self, tuple(patterns), K_CALLBACK if callbacks else K_MESSAGE)
@@ -1428,6 +1442,11 @@ class _MessageFeed(_ShmFeed):
         # Where each channel stood when we subscribed: later messages are ours, and any of
         # them trimmed before we read them are reported as a gap.
         self._cursors: dict[str, int] = {}
+        # Each pattern with the part before its first wildcard, and whether that is all of it.
+        self._prefixes = [
+            (pattern, prefix, len(prefix) == len(pattern.encode()))
+            for pattern, prefix in ((p, _literal_prefix(p)) for p in patterns)
+        ]
         # Listen before registering: a message published in between must find our socket.
         self._start()
         with backend._write() as w:
@@ -1437,17 +1456,16 @@ class _MessageFeed(_ShmFeed):
 
     def _followed(self, txn: Any) -> Iterator[tuple[str, bytes]]:
         """Every existing channel matching our patterns, with its meta record."""
-        b = self.backend
+        chan = self.backend._chan
         seen: set[str] = set()
-        for pattern in self.patterns:
-            prefix = _literal_prefix(pattern)
-            if len(prefix) == len(pattern.encode()):  # no wildcard: one channel
-                meta = txn.get(prefix, db=b._chan)
+        for pattern, prefix, exact in self._prefixes:
+            if exact:  # one channel
+                meta = txn.get(prefix, db=chan)
                 if meta is not None and pattern not in seen:
                     seen.add(pattern)
-                    yield pattern, bytes(meta)
+                    yield pattern, meta
                 continue
-            cur = txn.cursor(db=b._chan)
+            cur = txn.cursor(db=chan)
             if not cur.set_range(prefix):
                 continue
             for ck, meta in cur:
@@ -1456,7 +1474,7 @@ class _MessageFeed(_ShmFeed):
                 channel = bytes(ck).decode("utf-8", "replace")
                 if channel not in seen and fnmatchcase(channel, pattern):
                     seen.add(channel)
-                    yield channel, bytes(meta)
+                    yield channel, meta
 
     def refresh(self) -> None:
         self.backend._receiver(self.kind).wake_feed(self)
@@ -1466,43 +1484,51 @@ class _MessageFeed(_ShmFeed):
         if not dirty and not everything:
             return []
         events: list[tuple[int, Any]] = []
+        patterns = self.patterns
+        channels_read = 0
         # Read every followed channel, not only the one we were woken for, in one snapshot:
         # a message of another channel whose wake-up is still in flight (or was lost to a full
         # socket) is then never overtaken by a later one. Sorting by the store-wide message
         # number restores publication order across channels.
         with self.backend._env.begin() as txn:
             for channel, meta in self._followed(txn):
-                pattern = _notify.glob_matches(self.patterns, channel)
-                if pattern is not None:
-                    self._read_channel(txn, channel, meta, pattern, events)
-        events.sort(key=lambda e: e[0])
+                pattern = patterns[0] if len(patterns) == 1 else None
+                if pattern is None:
+                    pattern = _notify.glob_matches(patterns, channel)
+                if pattern is not None and self._read_channel(txn, channel, meta, pattern, events):
+                    channels_read += 1
+        if channels_read > 1:
+            events.sort(key=lambda e: e[0])
         return [e for _, e in events]
 
     def _read_channel(
         self, txn: Any, channel: str, meta: bytes, pattern: str, events: list[tuple[int, Any]]
-    ) -> None:
-        b = self.backend
+    ) -> bool:
+        """Append the messages of ``channel`` after our cursor; False when there were none."""
         last, first, _ = _CHAN.unpack(meta)
         cursor = self._cursors.get(channel, 0)
         if cursor >= last:
-            return
+            return False
         shown = None if pattern == channel else pattern
         if cursor + 1 < first:
             events.append((0, Gap(channel, cursor + 1, first - 1)))
         start = max(cursor + 1, first)
         prefix = channel.encode() + b"\0"
-        cur = txn.cursor(db=b._msgs)
+        size = len(prefix) + 8
+        cur = txn.cursor(db=self.backend._msgs)
         if cur.set_range(prefix + _BE64.pack(start)):
             for mk, val in cur:
                 if not mk.startswith(prefix):
                     break
-                seq = _BE64.unpack_from(mk, len(prefix))[0] if len(mk) == len(prefix) + 8 else 0
+                seq = _BE64.unpack_from(mk, len(prefix))[0] if len(mk) == size else 0
                 if seq == 0 or len(val) < 8:
                     log.warning("sharedkv: skipping a malformed message record in %r", channel)
-                    continue  # reported as part of a gap below, if it held a sequence number
-                msgid = _U64.unpack_from(val)[0]
-                events.append((msgid, (channel, bytes(val[8:]), seq, shown)))
+                    continue
+                events.append((_U64.unpack_from(val)[0], (channel, val[8:], seq, shown)))
+                if seq >= last:
+                    break
         self._cursors[channel] = last
+        return True
 
 
 class _WatchFeed(_ShmFeed):
@@ -1592,7 +1618,8 @@ class _WakeFeed(_ShmFeed):
     def reattach(self) -> None:
         """In a forked child: the same handle keeps working, registered as this process."""
         self._cond = threading.Condition(threading.Lock())
-        self._wakeups = []
+        self._sleepers = 0
+        self._wakeups = ()
         self._arm_lock = threading.Lock()
         self._armed = 0
         self._start()
