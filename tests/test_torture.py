@@ -158,8 +158,8 @@ def test_publication_order_across_channels_after_a_drop() -> None:
         routed, release = threading.Event(), threading.Event()
         route, on_idle = notifier.route, notifier._on_idle
 
-        def slow_route(kind: int, name: str | None) -> None:
-            route(kind, name)
+        def slow_route(kind: int, name: str | None, message: bytes | None = None) -> None:
+            route(kind, name, message)
             routed.set()
 
         def slow_idle(hints: list[tuple[int, str]]) -> None:
@@ -222,9 +222,9 @@ def test_publication_order_across_channels_with_wakeups_in_flight() -> None:
         published, routed, read = threading.Event(), threading.Event(), threading.Event()
         route = notifier.route
 
-        def slow_route(kind: int, name: str | None) -> None:
+        def slow_route(kind: int, name: str | None, message: bytes | None = None) -> None:
             published.wait(10)
-            route(kind, name)
+            route(kind, name, message)
             if name == "ch.x" and not routed.is_set():
                 routed.set()
                 read.wait(2.0)

@@ -1,10 +1,12 @@
 """The notification layer of the shared-memory backend: wake-up datagrams between processes.
 
-Data never travels through here. Every message, change and queue item is written to the shared
-LMDB environment first; a writer then sends a tiny *hint* (a kind byte plus a name, for example
-``b"m" + channel``) to each process that registered interest, over a Unix datagram socket. The
-receiving process's notifier thread routes the hint to its local feeds, which read the data from
-shared memory themselves. So:
+Every message, change and queue item is written to the shared LMDB environment first; a writer
+then sends a tiny *hint* (a kind byte plus a name, for example ``b"m" + channel``) to each
+process that registered interest, over a Unix datagram socket. The receiving process's notifier
+thread routes the hint to its local feeds, which read the data from shared memory themselves.
+(One exception, an optimization: a hint may also *carry* a copy of a message that the receiver
+can take without reading the log, when the backend knows that nothing else is unread; the log
+stays the source of truth.) So:
 
 * an idle process sleeps in ``recv`` and uses no CPU;
 * a publisher never blocks: sends are non-blocking, and a full receive buffer only loses hints,
@@ -35,6 +37,7 @@ log = logging.getLogger("sharedkv")
 _ABSTRACT = sys.platform.startswith("linux")
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 _RCVBUF = 4 << 20  # the kernel caps this at net.core.rmem_max; more room means fewer overflows
+MAX_DATAGRAM = 128 << 10  # the largest hint a receiver takes whole (a kind, a name, a message)
 
 SENT, DEAD, FULL = 0, 1, 2
 
@@ -43,6 +46,8 @@ class LocalFeed(Protocol):
     def matches(self, kind: int, name: str) -> bool: ...
 
     def hint(self, name: str | None) -> None: ...
+
+    def carry(self, name: str, message: bytes) -> None: ...
 
 
 Hints = list[tuple[int, str]]
@@ -115,8 +120,8 @@ class Notifier:
         except (ConnectionRefusedError, FileNotFoundError):
             return DEAD
         except OSError as exc:
-            if exc.errno in (errno.ENOBUFS, errno.EAGAIN):
-                return FULL
+            if exc.errno in (errno.ENOBUFS, errno.EAGAIN, errno.EMSGSIZE):
+                return FULL  # the hint is lost: the receiver is told to re-read everything
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
                 return DEAD
             raise
@@ -158,12 +163,17 @@ class Notifier:
     def feeds(self) -> tuple[LocalFeed, ...]:
         return self._feeds
 
-    def route(self, kind: int, name: str | None) -> None:
-        """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``)."""
+    def route(self, kind: int, name: str | None, message: bytes | None = None) -> None:
+        """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``),
+        with the ``message`` it carried, if any."""
         for feed in self._feeds:
             try:
                 if name is None or feed.matches(kind, name):
-                    feed.hint(name)
+                    if message is None:
+                        feed.hint(name)
+                    else:
+                        assert name is not None
+                        feed.carry(name, message)
             except Exception:  # a broken feed must not stop the others
                 log.exception("sharedkv: a feed failed to take a wake-up")
 
@@ -226,7 +236,8 @@ class Notifier:
 
         sock = self._recv
         assert sock is not None
-        fileno, recv = sock.fileno(), sock.recv
+        buffer = bytearray(MAX_DATAGRAM)
+        fileno, recv_into, view = sock.fileno(), sock.recv_into, memoryview(buffer)
         poller = select.poll()
         poller.register(fileno, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -253,14 +264,21 @@ class Notifier:
                 continue
             if self._closing:
                 break
-            received: dict[tuple[int, str], None] = {}
+            # (kind, name) -> the message carried by the hint, if any; a burst of hints for one
+            # name is one, and a carried message is never dropped for a plain hint.
+            received: dict[tuple[int, str], bytes | None] = {}
             for fd, _ in ready:
                 if fd == fileno:
                     try:
                         while True:
-                            data = recv(65536)
-                            if data:
-                                received[(data[0], data[1:].decode("utf-8", "replace"))] = None
+                            size = recv_into(buffer)
+                            if size:
+                                end = buffer.find(0, 1, size)  # names never hold a NUL
+                                message = None if end < 0 else bytes(view[end + 1 : size])
+                                raw_name = bytes(view[1 : size if end < 0 else end])
+                                key = (buffer[0], raw_name.decode("utf-8", "replace"))
+                                if message is not None or key not in received:
+                                    received[key] = message
                             if not waiting.poll(0):
                                 break
                     except (BlockingIOError, InterruptedError):
@@ -284,8 +302,8 @@ class Notifier:
                     poller.unregister(fd)
                     os.close(fd)
             hints = list(received)
-            for kind, name in hints:
-                self.route(kind, name)
+            for (kind, name), message in received.items():
+                self.route(kind, name, message)
             try:
                 self._on_idle(hints)
             except Exception:

@@ -97,6 +97,10 @@ _MESSAGE_KINDS = (K_MESSAGE, K_CALLBACK)
 # died is then refused by the kernel, which is how publishers learn of the death.
 _HINT_RESEND_S = 0.5
 _HINTED = struct.Struct("<dQ")  # time.time() when sent, the seq that was announced
+# A wake-up for sync callbacks may carry its message (seq, msg id, payload) when the receiver
+# has nothing else unread: its callbacks then run without reading the log (see publish()).
+_CARRIED = struct.Struct("<QQ")
+_CARRY_MAX = _notify.MAX_DATAGRAM - 1024  # room for the kind, the channel and _CARRIED
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEFAULT_MAP = 1 << 40
@@ -197,7 +201,7 @@ class _Write:
             if self.expiry_added and b._notifier.listening:
                 b._notifier.wake()  # a watcher's expiry timer may now have to fire sooner
             if self.hints:
-                b._send_hints(self.hints)
+                b._send_hints(self.hints.items())
         elif issubclass(exc_type, lmdb.Error):
             raise _translate(b, exc) from exc
 
@@ -564,12 +568,14 @@ class ShmBackend(Backend):
                 )
             return self._callbacks
 
-    def _send_hints(self, hints: dict[tuple[str, bytes], int]) -> int:
+    def _send_hints(self, hints: Iterable[tuple[tuple[str, bytes], int]]) -> int:
+        """Send each (token, hint) and return the sum of the counts of those that reached a
+        live process."""
         reached = 0
         dead: set[str] = set()
         full: set[bytes] = set()
         send = self._notifier.send
-        for (token, hint), count in hints.items():
+        for (token, hint), count in hints:
             if token in dead:
                 continue
             endpoint = _CALLBACKS_ENDPOINT if hint[0] == K_CALLBACK[0] else ""
@@ -1143,7 +1149,7 @@ class ShmBackend(Backend):
             if not self._message_targets(channel):
                 return 0
         cb = channel.encode()
-        sends: dict[tuple[str, bytes], int] = {}
+        sends: list[tuple[tuple[str, bytes], int]] = []
         reached = 0
         # The hot path of every message: one write transaction, without what _Write adds for
         # key-value writes (history, sweeping expired keys).
@@ -1175,13 +1181,26 @@ class ShmBackend(Backend):
                 txn.put(b"ctr", _CTR.pack(*ctr), db=self._meta)
                 now = time.time()
                 mark = _HINTED.pack(now, seq)
+                carried = None
                 for token, token_hex, kind, count in targets:
+                    hint = kind + cb
                     if token_hex == self._token and kind == K_MESSAGE:
-                        sends[(token_hex, kind + cb)] = count  # routed in this process, at once
+                        sends.append(((token_hex, hint), count))  # routed here, at once
                         continue
                     # One wake-up per channel until the receiver has taken it (_take_hints):
                     # a burst of messages costs one datagram, and no socket fills up.
                     mark_key = token + kind + cb
+                    if kind == K_CALLBACK and len(payload) <= _CARRY_MAX:
+                        # No mark up for any channel of that callback thread: it has read
+                        # everything published before this message, so the wake-up can carry
+                        # the message itself, to be run without reading the log.
+                        endpoint, marks = token + kind, txn.cursor(db=self._hinted)
+                        if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
+                            if carried is None:
+                                carried = b"\0" + _CARRIED.pack(seq, ctr[MSGS]) + payload
+                            txn.put(mark_key, mark, db=self._hinted)
+                            sends.append(((token_hex, hint + carried), count))
+                            continue
                     if not txn.put(mark_key, mark, db=self._hinted, overwrite=False):
                         sent = txn.get(mark_key, db=self._hinted)
                         if (
@@ -1191,7 +1210,7 @@ class ShmBackend(Backend):
                             reached += count
                             continue
                         txn.put(mark_key, mark, db=self._hinted)
-                    sends[(token_hex, kind + cb)] = count
+                    sends.append(((token_hex, hint), count))
                 txn.commit()
             except BaseException as exc:
                 with contextlib.suppress(lmdb.Error):
@@ -1417,6 +1436,9 @@ class _ShmFeed(HintedFeed):
     def matches(self, kind: int, name: str) -> bool:
         return kind == self.kind[0] and _notify.glob_matches(self.patterns, name) is not None
 
+    def carry(self, name: str, message: bytes) -> None:
+        self.hint(name)  # only subscriptions take carried messages
+
     def close(self) -> None:
         if self.closed:
             return
@@ -1442,6 +1464,7 @@ class _MessageFeed(_ShmFeed):
         # Where each channel stood when we subscribed: later messages are ours, and any of
         # them trimmed before we read them are reported as a gap.
         self._cursors: dict[str, int] = {}
+        self._carried: tuple[str, bytes] | None = None  # channel, seq + msg id + payload
         # Each pattern with the part before its first wildcard, and whether that is all of it.
         self._prefixes = [
             (pattern, prefix, len(prefix) == len(pattern.encode()))
@@ -1479,10 +1502,37 @@ class _MessageFeed(_ShmFeed):
     def refresh(self) -> None:
         self.backend._receiver(self.kind).wake_feed(self)
 
+    def carry(self, name: str, message: bytes) -> None:
+        # Only the callback thread routes hints to this feed and reads it: no lock needed.
+        self._carried = (name, message)
+        self.hint(name)
+
+    def _take_carried(self, dirty: list[str], everything: bool) -> Any:
+        """The carried message as an event, when it is all there is to read, else None.
+
+        The publisher carried it only if every earlier wake-up to this process had been
+        taken, so nothing published before it is unread; its seq must follow our cursor."""
+        carried, self._carried = self._carried, None
+        if carried is None or everything or dirty != [carried[0]]:
+            return None
+        channel, message = carried
+        seq, _ = _CARRIED.unpack_from(message)
+        if seq != self._cursors.get(channel, 0) + 1:
+            return None
+        pattern = self.patterns[0] if len(self.patterns) == 1 else None
+        if pattern is None:
+            pattern = _notify.glob_matches(self.patterns, channel)
+        self._cursors[channel] = seq
+        return (channel, message[_CARRIED.size :], seq, None if pattern == channel else pattern)
+
     def fetch(self) -> list[Any]:
         dirty, everything = self.take_hints()
         if not dirty and not everything:
             return []
+        if self._carried is not None:
+            event = self._take_carried(dirty, everything)
+            if event is not None:
+                return [event]
         events: list[tuple[int, Any]] = []
         patterns = self.patterns
         channels_read = 0
