@@ -264,9 +264,9 @@ class Notifier:
                 continue
             if self._closing:
                 break
-            # (kind, name) -> the message carried by the hint, if any; a burst of hints for one
-            # name is one, and a carried message is never dropped for a plain hint.
-            received: dict[tuple[int, str], bytes | None] = {}
+            # Each hint is routed as soon as it is read (the first one before asking for more:
+            # it is usually the only one); a burst of plain hints for one name is routed once.
+            received: dict[tuple[int, str], None] = {}
             for fd, _ in ready:
                 if fd == fileno:
                     try:
@@ -278,7 +278,8 @@ class Notifier:
                                 raw_name = bytes(view[1 : size if end < 0 else end])
                                 key = (buffer[0], raw_name.decode("utf-8", "replace"))
                                 if message is not None or key not in received:
-                                    received[key] = message
+                                    received[key] = None
+                                    self.route(*key, message)
                             if not waiting.poll(0):
                                 break
                     except (BlockingIOError, InterruptedError):
@@ -301,11 +302,8 @@ class Notifier:
                     exited.append(self._pidfds.pop(fd))
                     poller.unregister(fd)
                     os.close(fd)
-            hints = list(received)
-            for (kind, name), message in received.items():
-                self.route(kind, name, message)
             try:
-                self._on_idle(hints)
+                self._on_idle(list(received))
             except Exception:
                 if self._closing:
                     return

@@ -1095,6 +1095,11 @@ class ShmBackend(Backend):
         names = [name for k, name in hints if k == kind[0]]
         again: list[str] = []
         if names:
+            if kind == K_MESSAGE:
+                # The readers just woken run on other threads of this process. Let them take
+                # the GIL first: the transaction below holds the store's writer lock, and a
+                # writer lock held while this thread waits for the GIL stalls every publisher.
+                time.sleep(0)
             with self._write() as w:
                 txn = w.txn
                 overflowed = txn.pop(ovf, db=self._meta) is not None
@@ -1142,11 +1147,13 @@ class ShmBackend(Backend):
     def publish(self, channel: str, payload: bytes) -> int:
         if self._closed or self._forks != _forks:
             self._check()
-        if not self._message_targets(channel):
+        targets = self._message_targets(channel)
+        if not targets:
             # Most publishes with nobody listening stop here, after one read transaction.
             with self._env.begin() as txn:
                 self._current_registry(txn)
-            if not self._message_targets(channel):
+            targets = self._message_targets(channel)
+            if not targets:
                 return 0
         cb = channel.encode()
         sends: list[tuple[tuple[str, bytes], int]] = []
@@ -1159,10 +1166,10 @@ class ShmBackend(Backend):
                 ctr = _read_counters(txn, self._meta)
                 if ctr[IVER] != self._reg_version:
                     self._load_registry(txn, ctr[IVER])
-                targets = self._message_targets(channel)
-                if not targets:
-                    txn.abort()
-                    return 0
+                    targets = self._message_targets(channel)
+                    if not targets:
+                        txn.abort()
+                        return 0
                 ctr[MSGS] += 1
                 meta = txn.get(cb, db=self._chan)
                 last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
