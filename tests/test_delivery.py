@@ -173,3 +173,24 @@ def test_a_subscriber_added_later_gets_only_later_messages(named: sharedkv.Store
     assert _wait_for(lambda: len(got) == 5)
     time.sleep(0.1)
     assert got == list(range(5, 10))
+
+
+def test_a_forged_wakeup_cannot_carry_a_message(named: sharedkv.Store) -> None:
+    # Anyone on the machine can send to an abstract socket: a datagram that claims to carry a
+    # message without the store's secret is only a wake-up.
+    import pickle
+    import socket
+    import struct
+
+    got: list[Any] = []
+    named.on_message("sec")(lambda message: got.append((message.data, message.seq)))
+    address = named.backend._callbacks.address  # type: ignore[attr-defined]
+    header = struct.pack("<16sQQ", b"\0" * 16, 1, 1)
+    forged = b"csec\0" + header + pickle.dumps("forged")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto(forged, address)
+    time.sleep(0.2)
+    _run_publisher(named, [("sec", "real", 0.0)])
+    assert _wait_for(lambda: len(got) == 1)
+    time.sleep(0.1)
+    assert got == [("real", 1)]

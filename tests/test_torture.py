@@ -138,7 +138,7 @@ import sharedkv
 from sharedkv._backends import _notify
 s = sharedkv.Store({url!r})
 real = _notify.Notifier.send
-_notify.Notifier.send = lambda self, token, hint, endpoint="": _notify.FULL  # socket full
+_notify.Notifier.send = lambda self, *hint: _notify.FULL  # the receiver's socket is full
 s.publish("ch.a", "first")
 _notify.Notifier.send = real
 s.publish("ch.b", "second")
@@ -290,8 +290,8 @@ def test_no_overflow_flag_outlives_a_reaped_subscriber(monkeypatch: pytest.Monke
         backend: Any = store.backend
         real = _notify.Notifier.send
 
-        def send(self: _notify.Notifier, token: str, hint: bytes, endpoint: str = "") -> int:
-            real(self, token, hint, endpoint)
+        def send(self: _notify.Notifier, token: str, *hint: Any) -> int:
+            real(self, token, *hint)
             # The receiver's socket was full; before the publisher writes the overflow flag, the
             # receiver is killed and another process reaps what it left.
             os.kill(child.pid, signal.SIGKILL)

@@ -28,7 +28,7 @@ import select
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from typing import Protocol
 
@@ -47,7 +47,7 @@ class LocalFeed(Protocol):
 
     def hint(self, name: str | None) -> None: ...
 
-    def carry(self, name: str, message: bytes) -> None: ...
+    def carry(self, name: str, message: memoryview) -> None: ...
 
 
 Hints = list[tuple[int, str]]
@@ -112,9 +112,15 @@ class Notifier:
         return address
 
     # -- sending ------------------------------------------------------------------------
-    def send(self, token_hex: str, hint: bytes, endpoint: str = "") -> int:
+    def send(
+        self, token_hex: str, hint: bytes, endpoint: str = "", carried: Sequence[bytes] = ()
+    ) -> int:
+        """Send ``hint`` (followed by the parts of a ``carried`` message, in one datagram)."""
         try:
-            self._send.sendto(hint, self.address_of(token_hex, endpoint))
+            if carried:
+                self._send.sendmsg((hint, *carried), (), 0, self.address_of(token_hex, endpoint))
+            else:
+                self._send.sendto(hint, self.address_of(token_hex, endpoint))
         except BlockingIOError:
             return FULL
         except (ConnectionRefusedError, FileNotFoundError):
@@ -163,9 +169,9 @@ class Notifier:
     def feeds(self) -> tuple[LocalFeed, ...]:
         return self._feeds
 
-    def route(self, kind: int, name: str | None, message: bytes | None = None) -> None:
+    def route(self, kind: int, name: str | None, message: memoryview | None = None) -> None:
         """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``),
-        with the ``message`` it carried, if any."""
+        with the ``message`` it carried, if any: a view valid only during the call."""
         for feed in self._feeds:
             try:
                 if name is None or feed.matches(kind, name):
@@ -274,7 +280,7 @@ class Notifier:
                             size = recv_into(buffer)
                             if size:
                                 end = buffer.find(0, 1, size)  # names never hold a NUL
-                                message = None if end < 0 else bytes(view[end + 1 : size])
+                                message = None if end < 0 else view[end + 1 : size]
                                 raw_name = bytes(view[1 : size if end < 0 else end])
                                 key = (buffer[0], raw_name.decode("utf-8", "replace"))
                                 if message is not None or key not in received:

@@ -16,6 +16,7 @@ Named databases inside the environment::
     expiry   be64(expires_at) + key -> ""    for sweeping expired keys in order
     history  be64(revision) -> op, key, value   the last ``history`` changes, for watch(since=)
     meta     "ctr": revision, history bytes, interest version, messages published, dropped
+             "secret": 16 random bytes, which a wake-up that carries a message must show
     interest kind + pattern + NUL + owner -> count   who wants wake-ups for what
     chan     channel -> last seq, first retained seq, retained bytes
     msgs     channel + NUL + be64(seq) -> msg id + payload
@@ -32,6 +33,7 @@ mutex (a writer killed mid-transaction leaves the last committed state), and rea
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import os
@@ -99,7 +101,9 @@ _HINT_RESEND_S = 0.5
 _HINTED = struct.Struct("<dQ")  # time.time() when sent, the seq that was announced
 # A wake-up for sync callbacks may carry its message (seq, msg id, payload) when the receiver
 # has nothing else unread: its callbacks then run without reading the log (see publish()).
-_CARRIED = struct.Struct("<QQ")
+# Anyone on the machine can send to an abstract socket, so it also carries the store's secret,
+# which only processes that can open the store know: a forged one is only a wake-up.
+_CARRIED = struct.Struct("<16sQQ")  # secret, seq, msg id
 _CARRY_MAX = _notify.MAX_DATAGRAM - 1024  # room for the kind, the channel and _CARRIED
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -475,6 +479,10 @@ class ShmBackend(Backend):
             self._procs = env.open_db(b"procs", txn=txn)
             self._eph = env.open_db(b"eph", txn=txn)
             self._hinted = env.open_db(b"hinted", txn=txn)
+            self._secret = txn.get(b"secret", db=self._meta)
+            if self._secret is None:
+                self._secret = secrets.token_bytes(16)
+                txn.put(b"secret", self._secret, db=self._meta)
         self.max_key_bytes = min(511, env.max_key_size())
         # Names become LMDB keys with a suffix: NUL + owner (12) + acquisition id (8) for locks.
         self.max_name_bytes = self.max_key_bytes - 21
@@ -568,9 +576,14 @@ class ShmBackend(Backend):
                 )
             return self._callbacks
 
-    def _send_hints(self, hints: Iterable[tuple[tuple[str, bytes], int]]) -> int:
-        """Send each (token, hint) and return the sum of the counts of those that reached a
-        live process."""
+    def _send_hints(
+        self,
+        hints: Iterable[tuple[tuple[str, bytes], int]],
+        carried: tuple[bytes, ...] = (),
+        carried_to: frozenset[str] | set[str] = frozenset(),
+    ) -> int:
+        """Send each (token, hint), with the ``carried`` message to the callback threads of
+        ``carried_to``; return the sum of the counts of those that reached a live process."""
         reached = 0
         dead: set[str] = set()
         full: set[bytes] = set()
@@ -585,7 +598,7 @@ class ShmBackend(Backend):
                 self._notifier.route(hint[0], hint[1:].decode())
                 reached += count
                 continue
-            result = send(token, hint, endpoint)
+            result = send(token, hint, endpoint, carried if token in carried_to else ())
             if result == _notify.SENT:
                 reached += count
             elif result == _notify.FULL:
@@ -1157,6 +1170,7 @@ class ShmBackend(Backend):
                 return 0
         cb = channel.encode()
         sends: list[tuple[tuple[str, bytes], int]] = []
+        carried_to: set[str] = set()
         reached = 0
         # The hot path of every message: one write transaction, without what _Write adds for
         # key-value writes (history, sweeping expired keys).
@@ -1188,7 +1202,6 @@ class ShmBackend(Backend):
                 txn.put(b"ctr", _CTR.pack(*ctr), db=self._meta)
                 now = time.time()
                 mark = _HINTED.pack(now, seq)
-                carried = None
                 for token, token_hex, kind, count in targets:
                     hint = kind + cb
                     if token_hex == self._token and kind == K_MESSAGE:
@@ -1203,10 +1216,9 @@ class ShmBackend(Backend):
                         # the message itself, to be run without reading the log.
                         endpoint, marks = token + kind, txn.cursor(db=self._hinted)
                         if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
-                            if carried is None:
-                                carried = b"\0" + _CARRIED.pack(seq, ctr[MSGS]) + payload
                             txn.put(mark_key, mark, db=self._hinted)
-                            sends.append(((token_hex, hint + carried), count))
+                            sends.append(((token_hex, hint), count))
+                            carried_to.add(token_hex)
                             continue
                     if not txn.put(mark_key, mark, db=self._hinted, overwrite=False):
                         sent = txn.get(mark_key, db=self._hinted)
@@ -1225,7 +1237,10 @@ class ShmBackend(Backend):
                 if isinstance(exc, lmdb.Error):
                     raise _translate(self, exc) from exc
                 raise
-        return reached + self._send_hints(sends)
+        if not carried_to:
+            return reached + self._send_hints(sends)
+        carried = (b"\0" + _CARRIED.pack(self._secret, seq, ctr[MSGS]), payload)
+        return reached + self._send_hints(sends, carried, carried_to)
 
     def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
         return _MessageFeed(self, tuple(patterns), K_CALLBACK if callbacks else K_MESSAGE)
@@ -1443,7 +1458,7 @@ class _ShmFeed(HintedFeed):
     def matches(self, kind: int, name: str) -> bool:
         return kind == self.kind[0] and _notify.glob_matches(self.patterns, name) is not None
 
-    def carry(self, name: str, message: bytes) -> None:
+    def carry(self, name: str, message: memoryview) -> None:
         self.hint(name)  # only subscriptions take carried messages
 
     def close(self) -> None:
@@ -1471,7 +1486,7 @@ class _MessageFeed(_ShmFeed):
         # Where each channel stood when we subscribed: later messages are ours, and any of
         # them trimmed before we read them are reported as a gap.
         self._cursors: dict[str, int] = {}
-        self._carried: tuple[str, bytes] | None = None  # channel, seq + msg id + payload
+        self._carried: tuple[str, int, bytes] | None = None  # channel, seq, payload
         # Each pattern with the part before its first wildcard, and whether that is all of it.
         self._prefixes = [
             (pattern, prefix, len(prefix) == len(pattern.encode()))
@@ -1509,9 +1524,13 @@ class _MessageFeed(_ShmFeed):
     def refresh(self) -> None:
         self.backend._receiver(self.kind).wake_feed(self)
 
-    def carry(self, name: str, message: bytes) -> None:
+    def carry(self, name: str, message: memoryview) -> None:
         # Only the callback thread routes hints to this feed and reads it: no lock needed.
-        self._carried = (name, message)
+        if len(message) >= _CARRIED.size:
+            secret, seq, _ = _CARRIED.unpack_from(message)
+            if hmac.compare_digest(secret, self.backend._secret):
+                # The view is valid only during this call.
+                self._carried = (name, seq, message[_CARRIED.size :].tobytes())
         self.hint(name)
 
     def _take_carried(self, dirty: list[str], everything: bool) -> Any:
@@ -1522,15 +1541,14 @@ class _MessageFeed(_ShmFeed):
         carried, self._carried = self._carried, None
         if carried is None or everything or dirty != [carried[0]]:
             return None
-        channel, message = carried
-        seq, _ = _CARRIED.unpack_from(message)
+        channel, seq, payload = carried
         if seq != self._cursors.get(channel, 0) + 1:
             return None
         pattern = self.patterns[0] if len(self.patterns) == 1 else None
         if pattern is None:
             pattern = _notify.glob_matches(self.patterns, channel)
         self._cursors[channel] = seq
-        return (channel, message[_CARRIED.size :], seq, None if pattern == channel else pattern)
+        return (channel, payload, seq, None if pattern == channel else pattern)
 
     def fetch(self) -> list[Any]:
         dirty, everything = self.take_hints()
