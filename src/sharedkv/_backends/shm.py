@@ -1456,7 +1456,9 @@ class _ShmFeed(HintedFeed):
         b._notifier.wake()  # let the notifier look at deadlines and owners for this feed
 
     def matches(self, kind: int, name: str) -> bool:
-        return kind == self.kind[0] and _notify.glob_matches(self.patterns, name) is not None
+        return kind == self.kind[0] and (
+            name in self.patterns or _notify.glob_matches(self.patterns, name) is not None
+        )
 
     def carry(self, name: str, message: memoryview) -> None:
         self.hint(name)  # only subscriptions take carried messages
@@ -1692,7 +1694,8 @@ class _WakeFeed(_ShmFeed):
 
     def reattach(self) -> None:
         """In a forked child: the same handle keeps working, registered as this process."""
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._sleepers = 0
         self._wakeups = ()
         self._arm_lock = threading.Lock()
