@@ -194,3 +194,39 @@ def test_a_forged_wakeup_cannot_carry_a_message(named: sharedkv.Store) -> None:
     assert _wait_for(lambda: len(got) == 1)
     time.sleep(0.1)
     assert got == [("real", 1)]
+
+
+def _read_all(sub: sharedkv.Subscription, n: int, out: list[Any]) -> None:
+    for _ in range(n):
+        out.append(sub.get(timeout=20).data)  # type: ignore[union-attr]
+
+
+def test_a_process_with_callbacks_and_readers_on_one_channel(named: sharedkv.Store) -> None:
+    # The same process follows a channel with a sync callback, an async callback and a
+    # subscription read by a thread, while bursts arrive: each gets every message, in order.
+    import asyncio
+
+    from_sync: list[Any] = []
+    named.on_message("mix")(lambda message: from_sync.append(message.data))
+    from_async: list[Any] = []
+
+    async def record(message: sharedkv.Message) -> None:
+        from_async.append(message.data)
+
+    named.on_message("mix")(record)
+    loop = asyncio.new_event_loop()
+    serving = threading.Thread(target=loop.run_until_complete, args=(named.start_receive_loop(),))
+    serving.start()
+    read: list[Any] = []
+    reader = threading.Thread(target=_read_all, args=(named.subscribe("mix"), 300, read))
+    reader.start()
+    plan = [("mix", i, 0.003 if i % 3 == 0 else 0.0) for i in range(300)]
+    try:
+        _run_publisher(named, plan)
+        reader.join(30)
+        assert _wait_for(lambda: len(from_sync) == len(from_async) == 300)
+        assert read == from_sync == from_async == list(range(300))
+    finally:
+        named.close()  # ends the receive loop
+        serving.join(10)
+        loop.close()

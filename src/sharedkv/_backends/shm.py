@@ -582,8 +582,9 @@ class ShmBackend(Backend):
         carried: tuple[bytes, ...] = (),
         carried_to: frozenset[str] | set[str] = frozenset(),
     ) -> int:
-        """Send each (token, hint), with the ``carried`` message to the callback threads of
-        ``carried_to``; return the sum of the counts of those that reached a live process."""
+        """Send each (token, hint), with the ``carried`` message to the callbacks sockets of
+        ``carried_to`` (only there); return the sum of the counts of those that reached a live
+        process."""
         reached = 0
         dead: set[str] = set()
         full: set[bytes] = set()
@@ -598,7 +599,8 @@ class ShmBackend(Backend):
                 self._notifier.route(hint[0], hint[1:].decode())
                 reached += count
                 continue
-            result = send(token, hint, endpoint, carried if token in carried_to else ())
+            parts = carried if endpoint and token in carried_to else ()
+            result = send(token, hint, endpoint, parts)
             if result == _notify.SENT:
                 reached += count
             elif result == _notify.FULL:
@@ -1170,7 +1172,7 @@ class ShmBackend(Backend):
                 return 0
         cb = channel.encode()
         sends: list[tuple[tuple[str, bytes], int]] = []
-        carried_to: set[str] = set()
+        carried_to: set[str] = set()  # processes whose callbacks socket gets the message
         reached = 0
         # The hot path of every message: one write transaction, without what _Write adds for
         # key-value writes (history, sweeping expired keys).
@@ -1527,8 +1529,10 @@ class _MessageFeed(_ShmFeed):
         self.backend._receiver(self.kind).wake_feed(self)
 
     def carry(self, name: str, message: memoryview) -> None:
-        # Only the callback thread routes hints to this feed and reads it: no lock needed.
-        if len(message) >= _CARRIED.size:
+        # Only the callback thread routes hints to a callbacks feed and reads it: no lock
+        # needed. Other subscriptions never take a carried message: that the publisher found
+        # nothing unread holds for the callbacks socket only.
+        if self.wakes_on_callback_thread and len(message) >= _CARRIED.size:
             secret, seq, _ = _CARRIED.unpack_from(message)
             if hmac.compare_digest(secret, self.backend._secret):
                 # The view is valid only during this call.
