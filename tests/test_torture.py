@@ -138,7 +138,7 @@ import sharedkv
 from sharedkv._backends import _notify
 s = sharedkv.Store({url!r})
 real = _notify.Notifier.send
-_notify.Notifier.send = lambda self, token, hint: _notify.FULL  # the receiver's socket is full
+_notify.Notifier.send = lambda self, *hint: _notify.FULL  # the receiver's socket is full
 s.publish("ch.a", "first")
 _notify.Notifier.send = real
 s.publish("ch.b", "second")
@@ -158,14 +158,14 @@ def test_publication_order_across_channels_after_a_drop() -> None:
         routed, release = threading.Event(), threading.Event()
         route, on_idle = notifier.route, notifier._on_idle
 
-        def slow_route(kind: int, name: str | None) -> None:
-            route(kind, name)
+        def slow_route(kind: int, name: str | None, message: bytes | None = None) -> None:
+            route(kind, name, message)
             routed.set()
 
-        def slow_idle() -> None:
+        def slow_idle(hints: list[tuple[int, str]]) -> None:
             if routed.is_set():
                 release.wait(2.0)
-            on_idle()
+            on_idle(hints)
 
         notifier.route, notifier._on_idle = slow_route, slow_idle
         subprocess.run([sys.executable, "-c", _PUBLISHER.format(url=url)], check=True, timeout=60)
@@ -222,9 +222,9 @@ def test_publication_order_across_channels_with_wakeups_in_flight() -> None:
         published, routed, read = threading.Event(), threading.Event(), threading.Event()
         route = notifier.route
 
-        def slow_route(kind: int, name: str | None) -> None:
+        def slow_route(kind: int, name: str | None, message: bytes | None = None) -> None:
             published.wait(10)
-            route(kind, name)
+            route(kind, name, message)
             if name == "ch.x" and not routed.is_set():
                 routed.set()
                 read.wait(2.0)
@@ -290,8 +290,8 @@ def test_no_overflow_flag_outlives_a_reaped_subscriber(monkeypatch: pytest.Monke
         backend: Any = store.backend
         real = _notify.Notifier.send
 
-        def send(self: _notify.Notifier, token: str, hint: bytes) -> int:
-            real(self, token, hint)
+        def send(self: _notify.Notifier, token: str, *hint: Any) -> int:
+            real(self, token, *hint)
             # The receiver's socket was full; before the publisher writes the overflow flag, the
             # receiver is killed and another process reaps what it left.
             os.kill(child.pid, signal.SIGKILL)

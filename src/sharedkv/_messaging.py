@@ -2,8 +2,10 @@
 
 Delivery runs in the subscribing process. A :class:`Subscription` or :class:`Watch` is read by
 iterating it (sync or ``async for``) or with ``get(timeout=...)``. Callbacks registered with
-``Store.on_message`` run, when synchronous, on one thread per store named
-``sharedkv-callbacks``, and when ``async``, as tasks on the event loop that registered them.
+``Store.on_message`` run, when synchronous, on a thread named ``sharedkv-callbacks``, and when
+``async``, as tasks on the event loop that registered them. The callback thread is the
+backend's own where it has one (the shared-memory backend receives the callbacks' wake-ups on
+it, so a message reaches its callback with a single thread wake-up), else one per store handle.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backends.base import Change, Feed, Gap, Message
-from ._errors import ClosedError, TimeoutError
+from ._errors import ClosedError, SerializationError, TimeoutError
 from ._wait import resolve_timeout, retry_until, retry_until_async, wait_async
 
 if TYPE_CHECKING:
@@ -53,12 +55,32 @@ class _Stream(Generic[E]):
     def _fill(self) -> bool:
         with self._read_lock:
             if not self._pending:
-                for raw in self._feed.fetch():
-                    if isinstance(raw, Gap):
-                        self.dropped += raw.count
-                        self._note_gap(raw)
-                    self._pending.append(raw)
+                self._fetch()
             return bool(self._pending)
+
+    def _fetch(self) -> None:
+        """Append what the feed has now to the pending events; the caller holds _read_lock."""
+        for raw in self._feed.fetch():
+            if isinstance(raw, Gap):
+                self.dropped += raw.count
+                self._note_gap(raw)
+            self._pending.append(raw)
+
+    def take_all(self) -> list[E]:
+        """Every event available now, decoded, in order, with one read of the feed. An event
+        that cannot be decoded is logged and left out (for callbacks, which have no caller to
+        raise to)."""
+        events: list[E] = []
+        if self._feed.closed:
+            return events
+        with self._read_lock:
+            self._fetch()
+            while self._pending:
+                try:
+                    events.append(self._pop())
+                except SerializationError:
+                    log.exception("sharedkv: a message could not be decoded; it was skipped")
+        return events
 
     def _note_gap(self, gap: Gap) -> None:
         pass
@@ -190,6 +212,13 @@ class Watch(_Stream["Change | Gap"]):
 Callback = Callable[[Any], Any]
 
 
+def is_async_callable(func: Callback) -> bool:
+    """Whether calling ``func`` makes a coroutine (an ``async def`` function or callable)."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "__call__", None)  # noqa: B004 - async callable objects
+    )
+
+
 class _Handler:
     """One registered callback: its subscription, and where it runs."""
 
@@ -197,25 +226,13 @@ class _Handler:
         self.subscription = subscription
         self.func = func
         self.transform = transform  # what the callback receives: the Message, or only its data
-        self.is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-            getattr(func, "__call__", None)  # noqa: B004 - async callable objects
-        )
+        self.is_async = is_async_callable(func)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self._remove: Callable[[], None] | None = None
 
     def events(self) -> list[Message]:
-        out = []
-        while True:
-            try:
-                event = self.subscription.get_nowait()
-            except ClosedError:
-                break
-            if event is None:
-                break
-            if isinstance(event, Message):
-                out.append(event)
-        return out
+        return [event for event in self.subscription.take_all() if isinstance(event, Message)]
 
     # -- async callbacks ----------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -268,8 +285,9 @@ def _finish(future: asyncio.Future[None]) -> None:
 
 
 class CallbackRunner:
-    """Runs message callbacks: sync ones on the ``sharedkv-callbacks`` thread, async ones on
-    their event loop. One per store handle; started on first use."""
+    """Runs message callbacks: sync ones on a ``sharedkv-callbacks`` thread, async ones on
+    their event loop. One per store handle. Sync callbacks run on the backend's callback thread
+    when their feed has one, else on a thread of this runner, started on first use."""
 
     def __init__(self) -> None:
         self._handlers: list[_Handler] = []
@@ -296,8 +314,13 @@ class CallbackRunner:
                 return
             handler.bind(loop)
             return
+        feed = subscription._feed
+        if feed.wakes_on_callback_thread:
+            feed.add_wakeup(handler.run_sync)
+            feed.refresh()  # for messages that came before the wake-up was added
+            return
         self._ensure_thread()
-        subscription._feed.add_wakeup(partial(self._waiting.put, handler))
+        feed.add_wakeup(partial(self._waiting.put, handler))
         self._waiting.put(handler)
 
     def _forget_parent(self) -> None:

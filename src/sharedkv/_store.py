@@ -25,7 +25,7 @@ from ._backends.base import Backend, Message
 from ._codec import Codec, Serializer
 from ._errors import ClosedError, InvalidKeyError
 from ._lock import Lock, RLock, Semaphore
-from ._messaging import CallbackRunner, Subscription, Watch
+from ._messaging import CallbackRunner, Subscription, Watch, is_async_callable
 from ._queue import Queue, close_buffered_queues, close_queues, open_queue
 
 __all__ = ["AsyncStore", "Entry", "Store"]
@@ -106,6 +106,7 @@ class Store:
         self._backend: Backend
         self._backend, self.url = open_backend(url, options)
         self._max_key = self._backend.max_key_bytes
+        self._max_name = self._backend.max_name_bytes
         self._closed = False
         self._callbacks: CallbackRunner | None = None
         self._guard = threading.Lock()
@@ -371,21 +372,29 @@ class Store:
         """Send ``data`` to every subscriber of ``channel``, in any process; returns how many
         subscriptions it reached. With no subscriber it returns 0 at once, without even
         serializing ``data`` (so a value that cannot be serialized goes unnoticed there)."""
-        channel = self._name(channel, "channel")
-        backend = self._live()
+        # The fast name check of _key(), inlined: publish is on the path of every message.
+        plain = type(channel) is str and channel.isascii() and 0 < len(channel) <= self._max_name
+        if not plain or "\0" in channel:
+            channel = self._name(channel, "channel")
+        backend = self._backend
         if not backend.has_subscribers(channel):
             return 0  # nobody listens: not even worth pickling the message
         return backend.publish(channel, self._codec.encode(data))
 
     def subscribe(self, *patterns: str) -> Subscription:
         """A subscription to channels matching any of ``patterns`` (globs)."""
+        return self._subscription(self._patterns(patterns), callbacks=False)
+
+    def _patterns(self, patterns: tuple[str, ...]) -> tuple[str, ...]:
         if not patterns:
             raise TypeError("subscribe() needs at least one channel or pattern")
-        checked = tuple(_check_pattern(self._name(p, "pattern")) for p in patterns)
+        return tuple(_check_pattern(self._name(p, "pattern")) for p in patterns)
+
+    def _subscription(self, patterns: tuple[str, ...], callbacks: bool) -> Subscription:
         backend = self._live()
-        feed = backend.subscribe(checked)
+        feed = backend.subscribe(patterns, callbacks=callbacks)
         on_gap = getattr(backend, "add_dropped", lambda count: None)
-        return Subscription(feed, self._codec, checked, on_gap)
+        return Subscription(feed, self._codec, patterns, on_gap)
 
     def watch(self, pattern: str = "*", since: int | None = None) -> Watch:
         """Changes to keys matching ``pattern``: set, delete and expire events with revisions.
@@ -410,13 +419,16 @@ class Store:
     def _register_callback(
         self, patterns: tuple[str, ...], transform: Callable[[Message], Any]
     ) -> Callable[[F], F]:
-        subscription = self.subscribe(*patterns)
+        checked = self._patterns(patterns)
+        runner = self._callback_runner()  # a closed store fails here, before decorating
 
         def decorator(func: F) -> F:
             if not callable(func):
-                subscription.close()
                 raise TypeError("the decorated object must be callable")
-            self._callback_runner().add(subscription, func, transform)
+            # A sync callback gets a subscription woken on the backend's callback thread, when
+            # it has one, so that the thread receiving the wake-up runs the callback itself.
+            subscription = self._subscription(checked, callbacks=not is_async_callable(func))
+            runner.add(subscription, func, transform)
             return func
 
         return decorator

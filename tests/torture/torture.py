@@ -503,6 +503,7 @@ def _fresh(cfg: Config, started: float) -> list[str]:
             "procs": (backend._procs, lambda k: k[: _proc.TOKEN_SIZE]),
             "interest": (backend._interest, lambda k: k[-_proc.TOKEN_SIZE :]),
             "eph": (backend._eph, lambda k: k[: _proc.TOKEN_SIZE]),
+            "hinted": (backend._hinted, lambda k: k[: _proc.TOKEN_SIZE]),
             "locks": (
                 backend._locks,
                 lambda k: k[k.index(b"\0") + 1 : k.index(b"\0") + 1 + _proc.TOKEN_SIZE],
@@ -516,7 +517,7 @@ def _fresh(cfg: Config, started: float) -> list[str]:
                     problems.append(f"{table} entry of dead process {owner.pid} left behind")
         for key, _ in txn.cursor(db=backend._meta):
             if bytes(key).startswith(b"ovf"):
-                owner = _proc.ProcessId.from_token(bytes(key)[3:])
+                owner = _proc.ProcessId.from_token(bytes(key)[3 : 3 + _proc.TOKEN_SIZE])
                 if not owner.alive():
                     problems.append(f"overflow flag of dead process {owner.pid} left behind")
     store_id = backend._store_id
@@ -525,7 +526,8 @@ def _fresh(cfg: Config, started: float) -> list[str]:
             name = line.split()[-1]
             marker = f"@sharedkv-{store_id}-"
             if name.startswith(marker):
-                owner = _proc.ProcessId.from_token(bytes.fromhex(name[len(marker) :]))
+                token_hex = name[len(marker) : len(marker) + 2 * _proc.TOKEN_SIZE]
+                owner = _proc.ProcessId.from_token(bytes.fromhex(token_hex))
                 if not owner.alive():
                     problems.append(f"socket of dead process {owner.pid} left behind")
     extra = set(os.listdir(store.path or "")) - STORE_FILES

@@ -1,10 +1,12 @@
 """The notification layer of the shared-memory backend: wake-up datagrams between processes.
 
-Data never travels through here. Every message, change and queue item is written to the shared
-LMDB environment first; a writer then sends a tiny *hint* (a kind byte plus a name, for example
-``b"m" + channel``) to each process that registered interest, over a Unix datagram socket. The
-receiving process's notifier thread routes the hint to its local feeds, which read the data from
-shared memory themselves. So:
+Every message, change and queue item is written to the shared LMDB environment first; a writer
+then sends a tiny *hint* (a kind byte plus a name, for example ``b"m" + channel``) to each
+process that registered interest, over a Unix datagram socket. The receiving process's notifier
+thread routes the hint to its local feeds, which read the data from shared memory themselves.
+(One exception, an optimization: a hint may also *carry* a copy of a message that the receiver
+can take without reading the log, when the backend knows that nothing else is unread; the log
+stays the source of truth.) So:
 
 * an idle process sleeps in ``recv`` and uses no CPU;
 * a publisher never blocks: sends are non-blocking, and a full receive buffer only loses hints,
@@ -26,7 +28,7 @@ import select
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from typing import Protocol
 
@@ -35,6 +37,7 @@ log = logging.getLogger("sharedkv")
 _ABSTRACT = sys.platform.startswith("linux")
 _HAS_PIDFD = hasattr(os, "pidfd_open")
 _RCVBUF = 4 << 20  # the kernel caps this at net.core.rmem_max; more room means fewer overflows
+MAX_DATAGRAM = 128 << 10  # the largest hint a receiver takes whole (a kind, a name, a message)
 
 SENT, DEAD, FULL = 0, 1, 2
 
@@ -44,13 +47,20 @@ class LocalFeed(Protocol):
 
     def hint(self, name: str | None) -> None: ...
 
+    def carry(self, name: str, message: memoryview) -> None: ...
+
+
+Hints = list[tuple[int, str]]
+
 
 class Notifier:
     """Sends hints to other processes and routes received hints to local feeds.
 
-    ``on_idle`` is called by the receiving thread after each burst of hints and when
-    ``next_deadline()`` (a ``time.monotonic()`` value or None) passes; the backend uses it for
-    overflow checks and timed work such as expiring keys for watchers.
+    A process may have several receiving *endpoints*, each a socket with its own thread, named
+    by a suffix of the process's address (``""`` for the main one). ``on_idle(hints)`` is called
+    by the receiving thread after each burst, with the hints it routed (none when it woke for
+    another reason), and when ``next_deadline()`` (a ``time.monotonic()`` value or None) passes;
+    the backend uses it for overflow checks and timed work such as expiring keys for watchers.
     """
 
     def __init__(
@@ -58,20 +68,28 @@ class Notifier:
         store_id: str,
         directory: str,
         token_hex: str,
-        on_idle: Callable[[], None],
-        next_deadline: Callable[[], float | None],
+        on_idle: Callable[[Hints], None],
+        next_deadline: Callable[[], float | None] = lambda: None,
         on_exit: Callable[[bytes], None] = lambda token: None,
+        *,
+        endpoint: str = "",
+        thread_name: str | None = None,
     ) -> None:
         self._store_id = store_id
         self._directory = directory
         self._on_idle = on_idle
         self._next_deadline = next_deadline
         self._on_exit = on_exit
+        self._thread_name = thread_name or f"sharedkv-notify-{store_id[:8]}"
         # Processes whose exit we are told about by the kernel (pidfd), by token.
         self._watched: dict[bytes, int] = {}
+        self._watched_changed = False
         self._pidfds: dict[int, bytes] = {}
-        self.address = self.address_of(token_hex)
-        self._feeds: list[LocalFeed] = []
+        self._addresses: dict[tuple[str, str], str | bytes] = {}
+        self.address = self.address_of(token_hex, endpoint)
+        # Replaced, never changed in place: the routing thread reads it without the lock.
+        self._feeds: tuple[LocalFeed, ...] = ()
+        self._to_hint: list[LocalFeed] = []  # feeds the thread must tell to re-read, once
         self._lock = threading.Lock()
         self._recv: socket.socket | None = None
         self._send = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -81,22 +99,35 @@ class Notifier:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
 
-    def address_of(self, token_hex: str) -> str | bytes:
-        if _ABSTRACT:
-            return f"\0sharedkv-{self._store_id}-{token_hex}".encode()
-        return os.path.join(self._directory, "sock", token_hex)
+    def address_of(self, token_hex: str, endpoint: str = "") -> str | bytes:
+        address = self._addresses.get((token_hex, endpoint))
+        if address is None:
+            if _ABSTRACT:
+                address = f"\0sharedkv-{self._store_id}-{token_hex}{endpoint}".encode()
+            else:
+                address = os.path.join(self._directory, "sock", token_hex + endpoint)
+            if len(self._addresses) > 4096:
+                self._addresses.clear()
+            self._addresses[(token_hex, endpoint)] = address
+        return address
 
     # -- sending ------------------------------------------------------------------------
-    def send(self, token_hex: str, hint: bytes) -> int:
+    def send(
+        self, token_hex: str, hint: bytes, endpoint: str = "", carried: Sequence[bytes] = ()
+    ) -> int:
+        """Send ``hint`` (followed by the parts of a ``carried`` message, in one datagram)."""
         try:
-            self._send.sendto(hint, self.address_of(token_hex))
+            if carried:
+                self._send.sendmsg((hint, *carried), (), 0, self.address_of(token_hex, endpoint))
+            else:
+                self._send.sendto(hint, self.address_of(token_hex, endpoint))
         except BlockingIOError:
             return FULL
         except (ConnectionRefusedError, FileNotFoundError):
             return DEAD
         except OSError as exc:
-            if exc.errno in (errno.ENOBUFS, errno.EAGAIN):
-                return FULL
+            if exc.errno in (errno.ENOBUFS, errno.EAGAIN, errno.EMSGSIZE):
+                return FULL  # the hint is lost: the receiver is told to re-read everything
             if exc.errno in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
                 return DEAD
             raise
@@ -123,28 +154,32 @@ class Notifier:
             sock.bind(self.address)
             sock.setblocking(False)
             self._recv = sock
-            self._thread = threading.Thread(
-                target=self._run, name=f"sharedkv-notify-{self._store_id[:8]}", daemon=True
-            )
+            self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
             self._thread.start()
 
     def add(self, feed: LocalFeed) -> None:
         with self._lock:
-            self._feeds.append(feed)
+            self._feeds = (*self._feeds, feed)
 
     def remove(self, feed: LocalFeed) -> None:
         with self._lock:
-            if feed in self._feeds:
-                self._feeds.remove(feed)
+            self._feeds = tuple(f for f in self._feeds if f is not feed)
 
-    def route(self, kind: int, name: str | None) -> None:
-        """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``)."""
-        with self._lock:
-            feeds = list(self._feeds)
-        for feed in feeds:
+    @property
+    def feeds(self) -> tuple[LocalFeed, ...]:
+        return self._feeds
+
+    def route(self, kind: int, name: str | None, message: memoryview | None = None) -> None:
+        """Deliver one hint to the matching local feeds (``name=None``: every feed of ``kind``),
+        with the ``message`` it carried, if any: a view valid only during the call."""
+        for feed in self._feeds:
             try:
                 if name is None or feed.matches(kind, name):
-                    feed.hint(name)
+                    if message is None:
+                        feed.hint(name)
+                    else:
+                        assert name is not None
+                        feed.carry(name, message)
             except Exception:  # a broken feed must not stop the others
                 log.exception("sharedkv: a feed failed to take a wake-up")
 
@@ -152,7 +187,9 @@ class Notifier:
         """Report (through ``on_exit``) when any of these processes (token -> pid) exits."""
         with self._lock:
             changed = processes != self._watched
-            self._watched = dict(processes)
+            if changed:
+                self._watched = dict(processes)
+                self._watched_changed = True
         if changed:
             self.wake()
 
@@ -162,6 +199,7 @@ class Notifier:
 
         with self._lock:
             wanted = dict(self._watched)
+            self._watched_changed = False
         exited: list[bytes] = []
         current = {token: fd for fd, token in self._pidfds.items()}
         for token, fd in current.items():
@@ -187,6 +225,13 @@ class Notifier:
             poller.register(fd, select.POLLIN)
         return exited
 
+    def wake_feed(self, feed: LocalFeed) -> None:
+        """Have the routing thread tell ``feed`` to re-read everything, soon: its wake-ups then
+        run on that thread."""
+        with self._lock:
+            self._to_hint.append(feed)
+        self.wake()
+
     def wake(self) -> None:
         """Make the routing thread run ``on_idle`` soon (for example after a deadline changed)."""
         with contextlib.suppress(BlockingIOError, OSError):
@@ -197,12 +242,17 @@ class Notifier:
 
         sock = self._recv
         assert sock is not None
+        buffer = bytearray(MAX_DATAGRAM)
+        fileno, recv_into, view = sock.fileno(), sock.recv_into, memoryview(buffer)
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
+        poller.register(fileno, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        # Asks whether another datagram waits: cheaper than a recv that fails with EAGAIN.
+        waiting = select.poll()
+        waiting.register(fileno, select.POLLIN)
         exited: list[bytes] = []
         while not self._closing:
-            if _HAS_PIDFD:
+            if self._watched_changed:
                 exited += self._sync_pidfds(poller)
             for token in exited:
                 try:
@@ -220,30 +270,46 @@ class Notifier:
                 continue
             if self._closing:
                 break
+            # Each hint is routed as soon as it is read (the first one before asking for more:
+            # it is usually the only one); a burst of plain hints for one name is routed once.
+            received: dict[tuple[int, str], None] = {}
             for fd, _ in ready:
-                if fd == self._wake_r:
+                if fd == fileno:
+                    try:
+                        while True:
+                            size = recv_into(buffer)
+                            if size:
+                                end = buffer.find(0, 1, size)  # names never hold a NUL
+                                message = None if end < 0 else view[end + 1 : size]
+                                raw_name = bytes(view[1 : size if end < 0 else end])
+                                key = (buffer[0], raw_name.decode("utf-8", "replace"))
+                                if message is not None or key not in received:
+                                    received[key] = None
+                                    self.route(*key, message)
+                            if not waiting.poll(0):
+                                break
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:
+                        if self._closing:
+                            return
+                        raise
+                elif fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
+                    with self._lock:
+                        to_hint, self._to_hint = self._to_hint, []
+                    for feed in to_hint:
+                        try:
+                            feed.hint(None)
+                        except Exception:
+                            log.exception("sharedkv: a feed failed to take a wake-up")
                 elif fd in self._pidfds:
                     exited.append(self._pidfds.pop(fd))
                     poller.unregister(fd)
                     os.close(fd)
-            hints: dict[tuple[int, str], None] = {}
-            while True:
-                try:
-                    data = sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    if self._closing:
-                        return
-                    raise
-                if data:
-                    hints[(data[0], data[1:].decode("utf-8", "replace"))] = None
-            for kind, name in hints:
-                self.route(kind, name)
             try:
-                self._on_idle()
+                self._on_idle(list(received))
             except Exception:
                 if self._closing:
                     return

@@ -117,19 +117,35 @@ class Feed(ABC):
     polls: a reader that finds nothing sleeps on a condition variable until notified.
     """
 
+    #: Whether the backend calls this feed's wake-ups on a thread of its own named
+    #: ``sharedkv-callbacks`` (a subscription asked for with ``callbacks=True``), so that sync
+    #: callbacks can run right there instead of being handed to another thread.
+    wakes_on_callback_thread = False
+
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        # The hot paths take the condition's lock directly (cheaper than the Condition's with).
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._generation = 0
-        self._wakeups: list[_Wakeup] = []
+        self._sleepers = 0  # threads in wait(): without any, a notify skips the condition
+        # Replaced, never changed in place, so that a notify runs them without a copy.
+        self._wakeups: tuple[_Wakeup, ...] = ()
         self.closed = False
 
     # -- called by the backend's notification layer ---------------------------------------
     def notify(self) -> None:
-        with self._cond:
-            self._generation += 1
+        with self._mutex:
+            self._changed()
+        self._run_wakeups()
+
+    def _changed(self) -> None:
+        """Count a change and wake the sleeping readers; the caller holds ``_cond``."""
+        self._generation += 1
+        if self._sleepers:
             self._cond.notify_all()
-            wakeups = list(self._wakeups)
-        for wakeup in wakeups:
+
+    def _run_wakeups(self) -> None:
+        for wakeup in self._wakeups:
             if wakeup.active:
                 wakeup.callback()
 
@@ -147,22 +163,30 @@ class Feed(ABC):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                self._cond.wait(remaining)
+                self._sleepers += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._sleepers -= 1
             return True
 
     def add_wakeup(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` (from any thread) on every notify; returns its remover."""
         wakeup = _Wakeup(callback)
         with self._cond:
-            self._wakeups.append(wakeup)
+            self._wakeups = (*self._wakeups, wakeup)
 
         def remove() -> None:
             wakeup.active = False
             with self._cond:
-                if wakeup in self._wakeups:
-                    self._wakeups.remove(wakeup)
+                self._wakeups = tuple(w for w in self._wakeups if w is not wakeup)
 
         return remove
+
+    def refresh(self) -> None:
+        """Run the wake-ups soon, as if anything may have changed, on the thread that usually
+        runs them (for example once a wake-up was added, for events that came before it)."""
+        self.notify()
 
     def arm(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Ask to be woken from now on. Wake-up-only feeds (queue and lock waits) register with
@@ -180,10 +204,7 @@ class Feed(ABC):
         with self._cond:
             self.closed = True
             self._cond.notify_all()
-            wakeups = list(self._wakeups)
-        for wakeup in wakeups:
-            if wakeup.active:
-                wakeup.callback()
+        self._run_wakeups()
 
 
 class HintedFeed(Feed):
@@ -197,16 +218,20 @@ class HintedFeed(Feed):
 
     def hint(self, name: str | None) -> None:
         """``name`` may have changed; ``None``: anything may have (re-read everything)."""
-        with self._cond:
+        with self._mutex:
             if name is None:
                 self._everything = True
             else:
                 self._hinted[name] = None
-        self.notify()
+            self._changed()
+        self._run_wakeups()
+
+    def refresh(self) -> None:
+        self.hint(None)
 
     def take_hints(self) -> tuple[list[str], bool]:
         """The names hinted since the last call, and whether everything must be re-read."""
-        with self._cond:
+        with self._mutex:
             names, self._hinted = list(self._hinted), {}
             everything, self._everything = self._everything, False
         return names, everything
@@ -312,8 +337,11 @@ class Backend(ABC):
         return True
 
     @abstractmethod
-    def subscribe(self, patterns: Iterable[str]) -> Feed:
-        """A feed of ``(channel, payload, seq, pattern)`` tuples and :class:`Gap` markers."""
+    def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
+        """A feed of ``(channel, payload, seq, pattern)`` tuples and :class:`Gap` markers.
+
+        ``callbacks``: the feed will drive sync callbacks. A backend that has a thread for
+        them wakes the feed there (see :attr:`Feed.wakes_on_callback_thread`)."""
 
     @abstractmethod
     def watch(self, pattern: str, since: int | None) -> Feed:

@@ -242,7 +242,7 @@ class MemoryBackend(Backend):
             feed.hint(channel)
         return len(targets)
 
-    def subscribe(self, patterns: Iterable[str]) -> Feed:
+    def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
         with self._lock:
             self._check()
             return _MemMessageFeed(self, tuple(patterns))

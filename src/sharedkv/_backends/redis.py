@@ -1271,7 +1271,7 @@ class RedisBackend(Backend):
         return int(PUBLISH(self._cmd, keys, args))
 
     @_guarded
-    def subscribe(self, patterns: Iterable[str]) -> Feed:
+    def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
         feed = _MessageFeed(self, tuple(patterns))
         exact = [p for p in feed.patterns if not _has_glob(p)]
         marks = CHANNEL_MARKS(self._cmd, (self._meta, *(self._ns + "cm:" + p for p in exact)), ())

@@ -16,9 +16,11 @@ Named databases inside the environment::
     expiry   be64(expires_at) + key -> ""    for sweeping expired keys in order
     history  be64(revision) -> op, key, value   the last ``history`` changes, for watch(since=)
     meta     "ctr": revision, history bytes, interest version, messages published, dropped
+             "secret": 16 random bytes, which a wake-up that carries a message must show
     interest kind + pattern + NUL + owner -> count   who wants wake-ups for what
     chan     channel -> last seq, first retained seq, retained bytes
     msgs     channel + NUL + be64(seq) -> msg id + payload
+    hinted   owner + kind + channel -> time sent, seq   a message wake-up not yet taken
     queue    name + NUL + be64(seq) -> item    oldest first; nothing else (see the queue section)
     locks    name + NUL + owner + ident -> since, thread id, thread name
     procs    owner -> attach time            processes that registered anything
@@ -31,6 +33,7 @@ mutex (a writer killed mid-transaction leaves the last committed state), and rea
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import logging
 import mmap
@@ -92,6 +95,21 @@ _OPS = {_OP_SET: "set", _OP_DELETE: "delete", _OP_EXPIRE: "expire"}
 
 # interest kinds (first byte of a hint)
 K_MESSAGE, K_KEY, K_QUEUE, K_LOCK = b"m", b"k", b"q", b"l"
+# Messages for subscriptions that drive sync callbacks: their hints go to a socket of their own,
+# read by the thread that runs those callbacks, so a message costs one thread wake-up, not two.
+K_CALLBACK = b"c"
+_CALLBACKS_ENDPOINT = "c"  # suffix of that socket's address
+_MESSAGE_KINDS = (K_MESSAGE, K_CALLBACK)
+# A message wake-up still untaken after this long is sent again: one lost to a receiver that
+# died is then refused by the kernel, which is how publishers learn of the death.
+_HINT_RESEND_S = 0.5
+_HINTED = struct.Struct("<dQ")  # time.time() when sent, the seq that was announced
+# A wake-up for sync callbacks may carry its message (seq, msg id, payload) when the receiver
+# has nothing else unread: its callbacks then run without reading the log (see publish()).
+# Anyone on the machine can send to an abstract socket, so it also carries the store's secret,
+# which only processes that can open the store know: a forged one is only a wake-up.
+_CARRIED = struct.Struct("<16sQQ")  # secret, seq, msg id
+_CARRY_MAX = _notify.MAX_DATAGRAM - 1024  # room for the kind, the channel and _CARRIED
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DEFAULT_MAP = 1 << 40
@@ -205,7 +223,7 @@ class _Write:
             if self.expiry_added and b._notifier.listening:
                 b._notifier.wake()  # a watcher's expiry timer may now have to fire sooner
             if self.hints:
-                b._send_hints(self.hints)
+                b._send_hints(self.hints.items())
         elif issubclass(exc_type, lmdb.Error):
             raise _translate(b, exc) from exc
 
@@ -249,6 +267,11 @@ class _Write:
     def wake(self, kind: bytes, name: bytes) -> None:
         for token in self.interested(kind, name.decode()):
             self.hints[(token, kind + name)] = 1
+
+
+def _overflow_key(token: bytes, endpoint: str) -> bytes:
+    """The meta key flagging that a hint to this endpoint of ``token`` was lost."""
+    return b"ovf" + token + endpoint.encode()
 
 
 def _well_formed(raw: bytes) -> bool:
@@ -361,6 +384,8 @@ class ShmBackend(Backend):
         self._reg_version = -1
         self._reg: list[tuple[bytes, str, str, int]] = []  # kind, pattern, token, count
         self._match_cache: dict[tuple[bytes, str], dict[str, int]] = {}
+        # channel -> who follows it: (token, token hex, kind, subscriptions), both message kinds
+        self._targets_cache: dict[str, tuple[tuple[bytes, str, bytes, int], ...]] = {}
         self._dead: set[bytes] = set()
         self._registered = False
         self._sweep_at = 0.0
@@ -373,6 +398,8 @@ class ShmBackend(Backend):
             self._next_deadline,
             self._on_process_exit,
         )
+        # The socket and thread of sync message callbacks, made for the first of them.
+        self._callbacks: _notify.Notifier | None = None
         # Leftovers of crashed processes: LMDB reader slots, then our own records of them.
         self._env.reader_check()
         with contextlib.suppress(BackendError):
@@ -504,6 +531,11 @@ class ShmBackend(Backend):
             self._locks = env.open_db(b"locks", txn=txn)
             self._procs = env.open_db(b"procs", txn=txn)
             self._eph = env.open_db(b"eph", txn=txn)
+            self._hinted = env.open_db(b"hinted", txn=txn)
+            self._secret = txn.get(b"secret", db=self._meta)
+            if self._secret is None:
+                self._secret = secrets.token_bytes(16)
+                txn.put(b"secret", self._secret, db=self._meta)
         self.max_key_bytes = min(511, env.max_key_size())
         # Names become LMDB keys with a suffix: NUL + owner (12) + acquisition id (8) for locks.
         self.max_name_bytes = self.max_key_bytes - 21
@@ -562,7 +594,8 @@ class ShmBackend(Backend):
     def _after_fork(self) -> None:
         """In a forked child: abandon the parent's handles, then attach anew."""
         _orphans.append(self._env)
-        self._notifier.abandon()
+        for notifier in self._notifiers():
+            notifier.abandon()
         self._close_read_cache()  # our own mapping of the parent's file: still valid, reopened
         inherited = list(self._feeds)
         with contextlib.suppress(OSError):
@@ -594,11 +627,13 @@ class ShmBackend(Backend):
             self._closed = True
         if self._pid != os.getpid():
             _orphans.append(self._env)
-            self._notifier.abandon()
+            for notifier in self._notifiers():
+                notifier.abandon()
             return
         for feed in list(self._feeds):
             feed.close()
-        self._notifier.close()
+        for notifier in self._notifiers():
+            notifier.close()
         self._txnid = None  # reads of a closing store go to LMDB, which refuses them
         try:
             if self._registered:
@@ -628,36 +663,67 @@ class ShmBackend(Backend):
     def _write(self) -> _Write:
         return _Write(self)
 
-    def _send_hints(self, hints: dict[tuple[str, bytes], int]) -> int:
+    def _notifiers(self) -> list[_notify.Notifier]:
+        return [self._notifier] if self._callbacks is None else [self._notifier, self._callbacks]
+
+    def _receiver(self, kind: bytes) -> _notify.Notifier:
+        """The notifier whose thread receives hints of ``kind`` in this process."""
+        if kind != K_CALLBACK:
+            return self._notifier
+        with self._lock:
+            if self._callbacks is None:
+                # Its thread runs the sync callbacks itself, right where their wake-up arrives.
+                self._callbacks = _notify.Notifier(
+                    self._store_id,
+                    self.path,
+                    self._token,
+                    self._on_callbacks_idle,
+                    endpoint=_CALLBACKS_ENDPOINT,
+                    thread_name="sharedkv-callbacks",
+                )
+            return self._callbacks
+
+    def _send_hints(
+        self,
+        hints: Iterable[tuple[tuple[str, bytes], int]],
+        carried: tuple[bytes, ...] = (),
+        carried_to: frozenset[str] | set[str] = frozenset(),
+    ) -> int:
+        """Send each (token, hint), with the ``carried`` message to the callbacks sockets of
+        ``carried_to`` (only there); return the sum of the counts of those that reached a live
+        process."""
         reached = 0
         dead: set[str] = set()
-        full: set[str] = set()
+        full: set[bytes] = set()
         send = self._notifier.send
-        for (token, hint), count in hints.items():
+        for (token, hint), count in hints:
             if token in dead:
                 continue
-            if token == self._token and self._notifier.listening:
-                # Our own process: route directly, no socket round trip.
+            endpoint = _CALLBACKS_ENDPOINT if hint[0] == K_CALLBACK[0] else ""
+            if token == self._token and not endpoint and self._notifier.listening:
+                # Our own process: route directly, no socket round trip. (Callbacks go through
+                # their socket, so that they run on their own thread.)
                 self._notifier.route(hint[0], hint[1:].decode())
                 reached += count
                 continue
-            result = send(token, hint)
+            parts = carried if endpoint and token in carried_to else ()
+            result = send(token, hint, endpoint, parts)
             if result == _notify.SENT:
                 reached += count
             elif result == _notify.FULL:
                 reached += count
-                full.add(token)
+                full.add(_overflow_key(bytes.fromhex(token), endpoint))
             else:
                 dead.add(token)
         if full:
             # The receiver's socket buffer is full: flag it, so it re-reads everything it
             # follows. While a flag is already up there is nothing to write (a read is cheap).
             with self._env.begin(db=self._meta) as txn:
-                full = {t for t in full if txn.get(b"ovf" + bytes.fromhex(t)) is None}
+                full = {key for key in full if txn.get(key) is None}
         if full:
             with self._write() as w:
-                for token in full:
-                    w.txn.put(b"ovf" + bytes.fromhex(token), b"1", db=self._meta)
+                for key in full:
+                    w.txn.put(key, b"1", db=self._meta)
         for token in dead:
             if not _proc.ProcessId.from_token(bytes.fromhex(token)).alive():
                 self._reap(bytes.fromhex(token))
@@ -1043,6 +1109,25 @@ class ShmBackend(Backend):
         self._reg = reg
         self._reg_version = version
         self._match_cache = {}
+        self._targets_cache = {}
+
+    def _message_targets(self, channel: str) -> tuple[tuple[bytes, str, bytes, int], ...]:
+        """Who follows ``channel`` by the cached registry: (token, token hex, kind, count).
+
+        Callers make sure the registry is current (its version read in their transaction)."""
+        found = self._targets_cache.get(channel)
+        if found is None:
+            counts: dict[tuple[str, bytes], int] = {}
+            for rkind, pattern, token, count in self._reg:
+                if rkind not in _MESSAGE_KINDS:
+                    continue
+                if pattern == channel or fnmatchcase(channel, pattern):
+                    counts[(token, rkind)] = counts.get((token, rkind), 0) + count
+            found = tuple((bytes.fromhex(t), t, k, n) for (t, k), n in counts.items())
+            if len(self._targets_cache) > 4096:
+                self._targets_cache.clear()
+            self._targets_cache[channel] = found
+        return found
 
     def _add_interest(self, w: _Write, kind: bytes, pattern: str, delta: int) -> None:
         ik = kind + pattern.encode() + b"\0" + self._me.token
@@ -1084,7 +1169,9 @@ class ShmBackend(Backend):
                     self._remove(txn, kb, raw)
                     w.changed(_OP_DELETE, kb, None, w.next_rev())
             txn.delete(token, db=self._procs)
-            txn.delete(b"ovf" + token, db=self._meta)
+            txn.delete(_overflow_key(token, ""), db=self._meta)
+            txn.delete(_overflow_key(token, _CALLBACKS_ENDPOINT), db=self._meta)
+            _delete_prefix(txn, self._hinted, token)
 
     def reap_dead(self) -> int:
         """Release what dead processes left behind; returns how many processes were reaped."""
@@ -1097,7 +1184,7 @@ class ShmBackend(Backend):
                 for key, _ in cur:
                     if not key.startswith(b"ovf"):
                         break
-                    tokens.add(bytes(key[3:]))
+                    tokens.add(bytes(key[3 : 3 + _TOKEN_SIZE]))
         dead = [t for t in tokens if not _proc.ProcessId.from_token(t).alive()]
         for token in dead:
             self._reap(token)
@@ -1136,17 +1223,9 @@ class ShmBackend(Backend):
         if not self._closed and self._pid == os.getpid():
             self._reap(token)
 
-    def _on_idle(self) -> None:
-        if self._closed or self._pid != os.getpid():
+    def _on_idle(self, hints: _notify.Hints) -> None:
+        if not self._take_hints(self._notifier, K_MESSAGE, "", hints):
             return
-        ovf = b"ovf" + self._me.token
-        with self._env.begin(db=self._meta) as txn:
-            overflowed = txn.get(ovf) is not None
-        if overflowed:
-            with self._write() as w:
-                w.txn.delete(ovf, db=self._meta)
-            for feed in list(self._feeds):
-                feed.hint(None)
         if any(f.kind == K_KEY for f in list(self._feeds)):
             nxt = self._next_expiry()
             if nxt is not None and nxt <= time.time():
@@ -1162,49 +1241,163 @@ class ShmBackend(Backend):
                     if not _proc.ProcessId.from_token(token).alive():
                         self._reap(token)
 
+    def _on_callbacks_idle(self, hints: _notify.Hints) -> None:
+        if self._callbacks is not None:
+            self._take_hints(self._callbacks, K_CALLBACK, _CALLBACKS_ENDPOINT, hints)
+
+    def _take_hints(
+        self, receiver: _notify.Notifier, kind: bytes, endpoint: str, hints: _notify.Hints
+    ) -> bool:
+        """After ``receiver`` routed a burst: take down the "hinted" marks of the message
+        wake-ups it brought, so that publishers send the next ones, and re-read everything when
+        a wake-up was lost to a full socket. False when this backend can no longer be used here.
+
+        A publisher that finds a mark sends nothing, so every message published while the mark
+        was up must still be read: a channel that moved past the announced message is routed
+        again, after the mark is gone (its first routing may have read too early)."""
+        if self._closed or self._pid != os.getpid():
+            return False
+        token = self._me.token
+        ovf = _overflow_key(token, endpoint)
+        names = [name for k, name in hints if k == kind[0]]
+        again: list[str] = []
+        if names:
+            if kind == K_MESSAGE:
+                # The readers just woken run on other threads of this process. Let them take
+                # the GIL first: the transaction below holds the store's writer lock, and a
+                # writer lock held while this thread waits for the GIL stalls every publisher.
+                time.sleep(0)
+            with self._write() as w:
+                txn = w.txn
+                overflowed = txn.pop(ovf, db=self._meta) is not None
+                for name in names:
+                    cb = name.encode()
+                    mark = txn.pop(token + kind + cb, db=self._hinted)
+                    if mark is None:
+                        continue
+                    meta = txn.get(cb, db=self._chan)
+                    if len(mark) != _HINTED.size or (
+                        meta is not None and _CHAN.unpack(meta)[0] > _HINTED.unpack(mark)[1]
+                    ):
+                        again.append(name)
+                if overflowed:
+                    _delete_prefix(txn, self._hinted, token + kind)
+        else:
+            with self._env.begin(db=self._meta) as txn:
+                overflowed = txn.get(ovf) is not None
+            if overflowed:
+                with self._write() as w:
+                    w.txn.delete(ovf, db=self._meta)
+                    _delete_prefix(w.txn, self._hinted, token + kind)
+        if overflowed:
+            for feed in receiver.feeds:
+                feed.hint(None)
+        for name in again:
+            receiver.route(kind[0], name)
+        return True
+
     # -- messaging -------------------------------------------------------------------------
+    def _current_registry(self, txn: Any) -> None:
+        version = _read_counters(txn, self._meta)[IVER]
+        if version != self._reg_version:
+            self._load_registry(txn, version)
+
     def has_subscribers(self, channel: str) -> bool:
         if self._forks != _forks:
             self._check()
+        if self._message_targets(channel):
+            return True  # as last seen; publish() checks again in its transaction
         with self._env.begin() as txn:
-            version = _read_counters(txn, self._meta)[IVER]
-            return bool(self._interested(txn, version, K_MESSAGE, channel))
+            self._current_registry(txn)
+        return bool(self._message_targets(channel))
 
     def publish(self, channel: str, payload: bytes) -> int:
-        self._check()
-        cb = channel.encode()
-        # Most publishes with nobody listening stop here, after one read transaction.
-        with self._env.begin() as txn:
-            version = _read_counters(txn, self._meta)[IVER]
-            if not self._interested(txn, version, K_MESSAGE, channel):
-                return 0
-        with self._write() as w:
-            txn = w.txn
-            targets = w.interested(K_MESSAGE, channel)
+        if self._closed or self._forks != _forks:
+            self._check()
+        targets = self._message_targets(channel)
+        if not targets:
+            # Most publishes with nobody listening stop here, after one read transaction.
+            with self._env.begin() as txn:
+                self._current_registry(txn)
+            targets = self._message_targets(channel)
             if not targets:
                 return 0
-            msgid = w.bump(MSGS)
-            meta = txn.get(cb, db=self._chan)
-            last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
-            seq = last + 1
-            txn.put(cb + b"\0" + _BE64.pack(seq), _U64.pack(msgid) + payload, db=self._msgs)
-            nbytes += len(payload)
-            # Bounded buffer: drop the oldest messages past the count or byte limit.
-            while first <= seq - 1 and (
-                seq - first + 1 > self._buffer or nbytes > self._buffer_bytes
-            ):
-                old = txn.pop(cb + b"\0" + _BE64.pack(first), db=self._msgs)
-                if old is not None:
-                    nbytes -= len(old) - 8
-                first += 1
-            txn.put(cb, _CHAN.pack(seq, first, nbytes), db=self._chan)
-            for token, count in targets.items():
-                w.hints[(token, K_MESSAGE + cb)] = count
-            hints, w.hints = w.hints, {}
-        return self._send_hints(hints)
+        cb = channel.encode()
+        sends: list[tuple[tuple[str, bytes], int]] = []
+        carried_to: set[str] = set()  # processes whose callbacks socket gets the message
+        reached = 0
+        # The hot path of every message: one write transaction, without what _Write adds for
+        # key-value writes (history, sweeping expired keys).
+        with self._wlock:
+            txn = self._env.begin(write=True)
+            try:
+                ctr = _read_counters(txn, self._meta)
+                if ctr[IVER] != self._reg_version:
+                    self._load_registry(txn, ctr[IVER])
+                    targets = self._message_targets(channel)
+                    if not targets:
+                        txn.abort()
+                        return 0
+                ctr[MSGS] += 1
+                meta = txn.get(cb, db=self._chan)
+                last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
+                seq = last + 1
+                txn.put(cb + b"\0" + _BE64.pack(seq), _U64.pack(ctr[MSGS]) + payload, db=self._msgs)
+                nbytes += len(payload)
+                # Bounded buffer: drop the oldest messages past the count or byte limit.
+                while first < seq and (
+                    seq - first + 1 > self._buffer or nbytes > self._buffer_bytes
+                ):
+                    old = txn.pop(cb + b"\0" + _BE64.pack(first), db=self._msgs)
+                    if old is not None:
+                        nbytes -= len(old) - 8
+                    first += 1
+                txn.put(cb, _CHAN.pack(seq, first, nbytes), db=self._chan)
+                txn.put(b"ctr", _CTR.pack(*ctr), db=self._meta)
+                now = time.time()
+                mark = _HINTED.pack(now, seq)
+                for token, token_hex, kind, count in targets:
+                    hint = kind + cb
+                    if token_hex == self._token and kind == K_MESSAGE:
+                        sends.append(((token_hex, hint), count))  # routed here, at once
+                        continue
+                    # One wake-up per channel until the receiver has taken it (_take_hints):
+                    # a burst of messages costs one datagram, and no socket fills up.
+                    mark_key = token + kind + cb
+                    if kind == K_CALLBACK and len(payload) <= _CARRY_MAX:
+                        # No mark up for any channel of that callback thread: it has read
+                        # everything published before this message, so the wake-up can carry
+                        # the message itself, to be run without reading the log.
+                        endpoint, marks = token + kind, txn.cursor(db=self._hinted)
+                        if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
+                            txn.put(mark_key, mark, db=self._hinted)
+                            sends.append(((token_hex, hint), count))
+                            carried_to.add(token_hex)
+                            continue
+                    if not txn.put(mark_key, mark, db=self._hinted, overwrite=False):
+                        sent = txn.get(mark_key, db=self._hinted)
+                        if (
+                            len(sent) == _HINTED.size
+                            and abs(now - _HINTED.unpack(sent)[0]) < _HINT_RESEND_S
+                        ):
+                            reached += count
+                            continue
+                        txn.put(mark_key, mark, db=self._hinted)
+                    sends.append(((token_hex, hint), count))
+                txn.commit()
+            except BaseException as exc:
+                with contextlib.suppress(lmdb.Error):
+                    txn.abort()
+                if isinstance(exc, lmdb.Error):
+                    raise _translate(self, exc) from exc
+                raise
+        if not carried_to:
+            return reached + self._send_hints(sends)
+        carried = (b"\0" + _CARRIED.pack(self._secret, seq, ctr[MSGS]), payload)
+        return reached + self._send_hints(sends, carried, carried_to)
 
-    def subscribe(self, patterns: Iterable[str]) -> Feed:
-        return _MessageFeed(self, tuple(patterns))
+    def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
+        return _MessageFeed(self, tuple(patterns), K_CALLBACK if callbacks else K_MESSAGE)
 
     def watch(self, pattern: str, since: int | None) -> Feed:
         return _WatchFeed(self, pattern, since)
@@ -1262,7 +1455,7 @@ class ShmBackend(Backend):
         finally:
             self._wlock.release()
         if waiters:
-            self._send_hints({(token, K_QUEUE + nb): 1 for token in waiters})
+            self._send_hints(((token, K_QUEUE + nb), 1) for token in waiters)
         return True
 
     def _queue_take(self, name: str, max_items: int) -> list[bytes]:
@@ -1300,7 +1493,7 @@ class ShmBackend(Backend):
         finally:
             self._wlock.release()
         if waiters:
-            self._send_hints({(token, K_QUEUE + nb): 1 for token in waiters})
+            self._send_hints(((token, K_QUEUE + nb), 1) for token in waiters)
         return taken
 
     def _queue_waiters(self, txn: Any, name: str) -> dict[str, int]:
@@ -1438,6 +1631,13 @@ def _reader_pids(env: Any) -> list[int]:
     return sorted(pids)
 
 
+def _delete_prefix(txn: Any, db: Any, prefix: bytes) -> None:
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix):
+        while cur.key().startswith(prefix) and cur.delete():
+            pass
+
+
 def _literal_prefix(pattern: str | None) -> bytes:
     """The part of a glob before its first wildcard, to seek instead of scanning everything."""
     if not pattern:
@@ -1489,19 +1689,25 @@ class _ShmFeed(HintedFeed):
 
     def _start(self) -> None:
         b = self.backend
+        receiver = b._receiver(self.kind)
         b._feeds.add(self)
-        b._notifier.add(self)
-        b._notifier.listen()
+        receiver.add(self)
+        receiver.listen()
         b._notifier.wake()  # let the notifier look at deadlines and owners for this feed
 
     def matches(self, kind: int, name: str) -> bool:
-        return kind == self.kind[0] and _notify.glob_matches(self.patterns, name) is not None
+        return kind == self.kind[0] and (
+            name in self.patterns or _notify.glob_matches(self.patterns, name) is not None
+        )
+
+    def carry(self, name: str, message: memoryview) -> None:
+        self.hint(name)  # only subscriptions take carried messages
 
     def close(self) -> None:
         if self.closed:
             return
         b = self.backend
-        b._notifier.remove(self)
+        b._receiver(self.kind).remove(self)
         b._feeds.discard(self)
         super().close()
         if b._closed or b._pid != os.getpid():
@@ -1512,13 +1718,22 @@ class _ShmFeed(HintedFeed):
 
 
 class _MessageFeed(_ShmFeed):
-    kind = K_MESSAGE
+    """A subscription: read by threads and event loops (``K_MESSAGE``), or by sync callbacks
+    that the ``sharedkv-callbacks`` thread runs as wake-ups of this feed (``K_CALLBACK``)."""
 
-    def __init__(self, backend: ShmBackend, patterns: tuple[str, ...]) -> None:
+    def __init__(self, backend: ShmBackend, patterns: tuple[str, ...], kind: bytes) -> None:
+        self.kind = kind
+        self.wakes_on_callback_thread = kind == K_CALLBACK
         super().__init__(backend, patterns)
         # Where each channel stood when we subscribed: later messages are ours, and any of
         # them trimmed before we read them are reported as a gap.
         self._cursors: dict[str, int] = {}
+        self._carried: tuple[str, int, bytes] | None = None  # channel, seq, payload
+        # Each pattern with the part before its first wildcard, and whether that is all of it.
+        self._prefixes = [
+            (pattern, prefix, len(prefix) == len(pattern.encode()))
+            for pattern, prefix in ((p, _literal_prefix(p)) for p in patterns)
+        ]
         # Listen before registering: a message published in between must find our socket.
         self._start()
         with backend._write() as w:
@@ -1528,17 +1743,16 @@ class _MessageFeed(_ShmFeed):
 
     def _followed(self, txn: Any) -> Iterator[tuple[str, bytes]]:
         """Every existing channel matching our patterns, with its meta record."""
-        b = self.backend
+        chan = self.backend._chan
         seen: set[str] = set()
-        for pattern in self.patterns:
-            prefix = _literal_prefix(pattern)
-            if len(prefix) == len(pattern.encode()):  # no wildcard: one channel
-                meta = txn.get(prefix, db=b._chan)
+        for pattern, prefix, exact in self._prefixes:
+            if exact:  # one channel
+                meta = txn.get(prefix, db=chan)
                 if meta is not None and pattern not in seen:
                     seen.add(pattern)
-                    yield pattern, bytes(meta)
+                    yield pattern, meta
                 continue
-            cur = txn.cursor(db=b._chan)
+            cur = txn.cursor(db=chan)
             if not cur.set_range(prefix):
                 continue
             for ck, meta in cur:
@@ -1547,50 +1761,93 @@ class _MessageFeed(_ShmFeed):
                 channel = bytes(ck).decode("utf-8", "replace")
                 if channel not in seen and fnmatchcase(channel, pattern):
                     seen.add(channel)
-                    yield channel, bytes(meta)
+                    yield channel, meta
+
+    def refresh(self) -> None:
+        self.backend._receiver(self.kind).wake_feed(self)
+
+    def carry(self, name: str, message: memoryview) -> None:
+        # Only the callback thread routes hints to a callbacks feed and reads it: no lock
+        # needed. Other subscriptions never take a carried message: that the publisher found
+        # nothing unread holds for the callbacks socket only.
+        if self.wakes_on_callback_thread and len(message) >= _CARRIED.size:
+            secret, seq, _ = _CARRIED.unpack_from(message)
+            if hmac.compare_digest(secret, self.backend._secret):
+                # The view is valid only during this call.
+                self._carried = (name, seq, message[_CARRIED.size :].tobytes())
+        self.hint(name)
+
+    def _take_carried(self, dirty: list[str], everything: bool) -> Any:
+        """The carried message as an event, when it is all there is to read, else None.
+
+        The publisher carried it only if every earlier wake-up to this process had been
+        taken, so nothing published before it is unread; its seq must follow our cursor."""
+        carried, self._carried = self._carried, None
+        if carried is None or everything or dirty != [carried[0]]:
+            return None
+        channel, seq, payload = carried
+        if seq != self._cursors.get(channel, 0) + 1:
+            return None
+        pattern = self.patterns[0] if len(self.patterns) == 1 else None
+        if pattern is None:
+            pattern = _notify.glob_matches(self.patterns, channel)
+        self._cursors[channel] = seq
+        return (channel, payload, seq, None if pattern == channel else pattern)
 
     def fetch(self) -> list[Any]:
         dirty, everything = self.take_hints()
         if not dirty and not everything:
             return []
+        if self._carried is not None:
+            event = self._take_carried(dirty, everything)
+            if event is not None:
+                return [event]
         events: list[tuple[int, Any]] = []
+        patterns = self.patterns
+        channels_read = 0
         # Read every followed channel, not only the one we were woken for, in one snapshot:
         # a message of another channel whose wake-up is still in flight (or was lost to a full
         # socket) is then never overtaken by a later one. Sorting by the store-wide message
         # number restores publication order across channels.
         with self.backend._env.begin() as txn:
             for channel, meta in self._followed(txn):
-                pattern = _notify.glob_matches(self.patterns, channel)
-                if pattern is not None:
-                    self._read_channel(txn, channel, meta, pattern, events)
-        events.sort(key=lambda e: e[0])
+                pattern = patterns[0] if len(patterns) == 1 else None
+                if pattern is None:
+                    pattern = _notify.glob_matches(patterns, channel)
+                if pattern is not None and self._read_channel(txn, channel, meta, pattern, events):
+                    channels_read += 1
+        if channels_read > 1:
+            events.sort(key=lambda e: e[0])
         return [e for _, e in events]
 
     def _read_channel(
         self, txn: Any, channel: str, meta: bytes, pattern: str, events: list[tuple[int, Any]]
-    ) -> None:
-        b = self.backend
+    ) -> bool:
+        """Append the messages of ``channel`` after our cursor; False when there were none."""
         last, first, _ = _CHAN.unpack(meta)
         cursor = self._cursors.get(channel, 0)
         if cursor >= last:
-            return
+            return False
         shown = None if pattern == channel else pattern
         if cursor + 1 < first:
             events.append((0, Gap(channel, cursor + 1, first - 1)))
         start = max(cursor + 1, first)
         prefix = channel.encode() + b"\0"
-        cur = txn.cursor(db=b._msgs)
+        size = len(prefix) + 8
+        cur = txn.cursor(db=self.backend._msgs)
         if cur.set_range(prefix + _BE64.pack(start)):
             for mk, val in cur:
                 if not mk.startswith(prefix):
                     break
-                seq = _BE64.unpack_from(mk, len(prefix))[0] if len(mk) == len(prefix) + 8 else 0
+                seq = _BE64.unpack_from(mk, len(prefix))[0] if len(mk) == size else 0
                 if seq == 0 or len(val) < 8:
                     log.warning("sharedkv: skipping a malformed message record in %r", channel)
-                    continue  # reported as part of a gap below, if it held a sequence number
-                msgid = _U64.unpack_from(val)[0]
-                events.append((msgid, (channel, bytes(val[8:]), seq, shown)))
+                    continue
+                events.append((_U64.unpack_from(val)[0], (channel, val[8:], seq, shown)))
+                if seq >= last:
+                    break
         self._cursors[channel] = last
+        return True
 
 
 class _WatchFeed(_ShmFeed):
@@ -1679,8 +1936,10 @@ class _WakeFeed(_ShmFeed):
 
     def reattach(self) -> None:
         """In a forked child: the same handle keeps working, registered as this process."""
-        self._cond = threading.Condition(threading.Lock())
-        self._wakeups = []
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
+        self._sleepers = 0
+        self._wakeups = ()
         self._arm_lock = threading.Lock()
         self._armed = 0
         self._start()
