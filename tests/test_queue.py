@@ -1071,3 +1071,15 @@ def test_buffered_handles_check_their_input(store: sharedkv.Store) -> None:
     with pytest.raises(sharedkv.ClosedError):
         plain.flush()
     q.close()
+
+
+def test_infinite_timeout_waits_until_an_item_arrives(shm_store: sharedkv.Store) -> None:
+    q = shm_store.queue("inf")
+    got: list[object] = []
+    taker = threading.Thread(target=lambda: got.append(q.get(timeout=float("inf"))))
+    taker.start()
+    time.sleep(0.2)
+    assert taker.is_alive() and not got
+    q.put("x")
+    taker.join(10)
+    assert got == ["x"]

@@ -17,6 +17,7 @@ notification layer uses; the feed turns that into wake-ups for threads and event
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -165,7 +166,8 @@ class Feed(ABC):
                     return False
                 self._sleepers += 1
                 try:
-                    self._cond.wait(remaining)
+                    # An infinite timeout (allowed: "wait for ever") would overflow the lock's.
+                    self._cond.wait(None if math.isinf(remaining) else remaining)
                 finally:
                     self._sleepers -= 1
             return True
