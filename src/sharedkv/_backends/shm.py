@@ -274,6 +274,49 @@ def _overflow_key(token: bytes, endpoint: str) -> bytes:
     return b"ovf" + token + endpoint.encode()
 
 
+class _BareWrite:
+    """A write transaction without _Write's bookkeeping (no expiry sweep, no store counters),
+    for queue operations; committed when the block ends normally (a commit that changed
+    nothing writes nothing), then ``hint`` is sent to ``waiters``."""
+
+    __slots__ = ("backend", "hint", "txn", "waiters")
+
+    def __init__(self, backend: ShmBackend) -> None:
+        self.backend = backend
+        self.waiters: dict[str, int] = {}
+        self.hint = b""
+
+    def __enter__(self) -> _BareWrite:
+        b = self.backend
+        if b._closed or b._forks != _forks:
+            b._check()
+        b._wlock.acquire()
+        try:
+            self.txn = b._begin(None, None, True)  # write=True
+        except BaseException:
+            b._wlock.release()
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        b = self.backend
+        try:
+            if exc_type is None:
+                self.txn.commit()
+            else:
+                self.txn.abort()
+        except lmdb.Error as err:
+            with contextlib.suppress(lmdb.Error):
+                self.txn.abort()
+            raise _translate(b, err) from err
+        finally:
+            b._wlock.release()
+        if exc_type is None and self.waiters:
+            b._send_hints(((token, self.hint), 1) for token in self.waiters)
+        elif exc_type is not None and issubclass(exc_type, lmdb.Error):
+            raise _translate(b, exc) from exc
+
+
 def _well_formed(raw: bytes) -> bool:
     """Whether a data record has a trailer we can read (anything we wrote has)."""
     if len(raw) < _TSIZE or raw[-1] & ~(_F_EXPIRES | _F_EPHEMERAL):
@@ -1425,80 +1468,45 @@ class ShmBackend(Backend):
         return self._queue_take(name, max_items)
 
     def _queue_append(self, name: str, items: Sequence[bytes], maxsize: int) -> bool:
-        if self._forks != _forks or self._closed:
-            self._check()
         nb = name.encode()
         prefix = nb + b"\0"
-        self._wlock.acquire()
-        try:
-            txn = self._env.begin(write=True)
-            try:
-                cur = txn.cursor(db=self._queue)
-                tail = _queue_tail(cur, nb)
-                if maxsize > 0 and tail - _queue_head(cur, nb, tail) + len(items) > maxsize:
-                    txn.abort()
-                    return False
-                if len(items) == 1:
-                    cur.put(prefix + _BE64.pack(tail), items[0])
-                else:
-                    pack = _BE64.pack
-                    records = [(prefix + pack(seq), item) for seq, item in enumerate(items, tail)]
-                    cur.putmulti(records)
-                waiters = self._queue_waiters(txn, name)
-                txn.commit()
-            except BaseException:
-                with contextlib.suppress(lmdb.Error):
-                    txn.abort()
-                raise
-        except lmdb.Error as err:
-            raise _translate(self, err) from err
-        finally:
-            self._wlock.release()
-        if waiters:
-            self._send_hints(((token, K_QUEUE + nb), 1) for token in waiters)
+        with _BareWrite(self) as w:
+            cur = w.txn.cursor(db=self._queue)
+            tail = _queue_tail(cur, nb)
+            if maxsize > 0 and tail - _queue_head(cur, nb, tail) + len(items) > maxsize:
+                return False  # nothing written: the commit writes nothing
+            if len(items) == 1:
+                cur.put(prefix + _BE64.pack(tail), items[0])
+            else:
+                pack = _BE64.pack
+                cur.putmulti([(prefix + pack(seq), item) for seq, item in enumerate(items, tail)])
+            w.waiters = self._queue_waiters(w.txn, name)
+            w.hint = K_QUEUE + nb
         return True
 
     def _queue_take(self, name: str, max_items: int) -> list[bytes]:
-        if self._forks != _forks or self._closed:
-            self._check()
         nb = name.encode()
         taken: list[bytes] = []
-        self._wlock.acquire()
-        try:
-            txn = self._env.begin(write=True)
-            try:
-                cur = txn.cursor(db=self._queue)
-                if cur.set_range(nb + b"\0"):
-                    # Every key from here up to nb + 1 is this queue's (see _queue_tail); a
-                    # cursor moved past the last record of the database has the key b"".
-                    beyond = nb + b"\1"
+        with _BareWrite(self) as w:
+            cur = w.txn.cursor(db=self._queue)
+            if cur.set_range(nb + b"\0"):
+                # Every key from here up to nb + 1 is this queue's (see _queue_tail); a cursor
+                # moved past the last record of the database has the key b"".
+                beyond = nb + b"\1"
+                key = cur.key()
+                while key and key < beyond:
+                    taken.append(cur.value())
+                    cur.delete()
+                    if len(taken) == max_items:
+                        break
                     key = cur.key()
-                    while key and key < beyond:
-                        taken.append(cur.value())
-                        cur.delete()
-                        if len(taken) == max_items:
-                            break
-                        key = cur.key()
-                if not taken:
-                    txn.abort()
-                    return taken
-                waiters = self._queue_waiters(txn, name)
-                txn.commit()
-            except BaseException:
-                with contextlib.suppress(lmdb.Error):
-                    txn.abort()
-                raise
-        except lmdb.Error as err:
-            raise _translate(self, err) from err
-        finally:
-            self._wlock.release()
-        if waiters:
-            self._send_hints(((token, K_QUEUE + nb), 1) for token in waiters)
+            if taken:
+                w.waiters = self._queue_waiters(w.txn, name)
+                w.hint = K_QUEUE + nb
         return taken
 
     def _queue_waiters(self, txn: Any, name: str) -> dict[str, int]:
-        raw = txn.get(b"ctr", db=self._meta)
-        version = _CTR.unpack(raw)[IVER] if raw else 0
+        version = _read_counters(txn, self._meta)[IVER]
         if version == self._reg_version and not self._reg:
             return {}
         return self._interested(txn, version, K_QUEUE, name)
