@@ -23,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import select
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from fnmatch import fnmatchcase
 from typing import Protocol
 
@@ -98,6 +100,18 @@ class Notifier:
         self._closing = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # A thread blocked in a feed's wait() may read the socket itself while it waits (see
+        # lead()): the routing thread then leaves the socket alone, and hands back the hints
+        # that thread read, for on_idle.
+        self._leading = threading.Lock()
+        self._led = False
+        self._led_by = 0  # the thread id of the leading thread, 0 when none
+        self._handoff: Hints = []
+        self._lead_r, self._lead_w = os.pipe()
+        os.set_blocking(self._lead_w, False)
+        self._leader: tuple[bytearray, select.poll, select.poll, int] | None = None
+        self._deadline: float | None = None  # the routing thread's next timed work
+        self._bystanders = 0  # threads waiting while another one leads
 
     def address_of(self, token_hex: str, endpoint: str = "") -> str | bytes:
         address = self._addresses.get((token_hex, endpoint))
@@ -238,12 +252,10 @@ class Notifier:
             os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
-        import time
-
         sock = self._recv
         assert sock is not None
         buffer = bytearray(MAX_DATAGRAM)
-        fileno, recv_into, view = sock.fileno(), sock.recv_into, memoryview(buffer)
+        fileno = sock.fileno()
         poller = select.poll()
         poller.register(fileno, select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
@@ -251,6 +263,7 @@ class Notifier:
         waiting = select.poll()
         waiting.register(fileno, select.POLLIN)
         exited: list[bytes] = []
+        listening = True
         while not self._closing:
             if self._watched_changed:
                 exited += self._sync_pidfds(poller)
@@ -260,7 +273,7 @@ class Notifier:
                 except Exception:
                     log.exception("sharedkv: cleaning up after an exited process failed")
             exited = []
-            deadline = self._next_deadline()
+            deadline = self._deadline = self._next_deadline()
             timeout_ms = None
             if deadline is not None:
                 timeout_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
@@ -270,26 +283,11 @@ class Notifier:
                 continue
             if self._closing:
                 break
-            # Each hint is routed as soon as it is read (the first one before asking for more:
-            # it is usually the only one); a burst of plain hints for one name is routed once.
             received: dict[tuple[int, str], None] = {}
             for fd, _ in ready:
                 if fd == fileno:
                     try:
-                        while True:
-                            size = recv_into(buffer)
-                            if size:
-                                end = buffer.find(0, 1, size)  # names never hold a NUL
-                                message = None if end < 0 else view[end + 1 : size]
-                                raw_name = bytes(view[1 : size if end < 0 else end])
-                                key = (buffer[0], raw_name.decode("utf-8", "replace"))
-                                if message is not None or key not in received:
-                                    received[key] = None
-                                    self.route(*key, message)
-                            if not waiting.poll(0):
-                                break
-                    except (BlockingIOError, InterruptedError):
-                        pass
+                        self._receive(buffer, waiting, received)
                     except OSError:
                         if self._closing:
                             return
@@ -308,6 +306,20 @@ class Notifier:
                     exited.append(self._pidfds.pop(fd))
                     poller.unregister(fd)
                     os.close(fd)
+            # Whatever woke us: follow the socket's owner (a waiting thread may have taken it,
+            # or given it back, or left it untended), and take the hints it read.
+            with self._lock:
+                handoff, self._handoff = self._handoff, []
+                if self._led and not self._leading.locked():
+                    self._led = False
+                led = self._led
+            received.update(dict.fromkeys(handoff))
+            if led == listening:
+                listening = not led
+                if listening:
+                    poller.register(fileno, select.POLLIN)
+                else:
+                    poller.unregister(fileno)
             try:
                 self._on_idle(list(received))
             except Exception:
@@ -315,13 +327,141 @@ class Notifier:
                     return
                 log.exception("sharedkv: background maintenance failed")
 
+    def _receive(
+        self, buffer: bytearray, waiting: select.poll, received: dict[tuple[int, str], None]
+    ) -> None:
+        """Read and route every waiting datagram; add what was routed to ``received``.
+
+        Each hint is routed as soon as it is read (the first one before asking for more: it is
+        usually the only one); a burst of plain hints for one name is routed once."""
+        sock = self._recv
+        assert sock is not None
+        recv_into, view = sock.recv_into, memoryview(buffer)
+        try:
+            while True:
+                size = recv_into(buffer)
+                if size:
+                    end = buffer.find(0, 1, size)  # names never hold a NUL
+                    message = None if end < 0 else view[end + 1 : size]
+                    raw_name = bytes(view[1 : size if end < 0 else end])
+                    key = (buffer[0], raw_name.decode("utf-8", "replace"))
+                    if message is not None or key not in received:
+                        received[key] = None
+                        self.route(*key, message)
+                if not waiting.poll(0):
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def lead(
+        self, done: Callable[[], bool], timeout: float, alone: Callable[[], bool]
+    ) -> bool | None:
+        """Wait until ``done()``, at most ``timeout`` seconds, reading this process's socket on
+        the calling thread: a wake-up then costs one thread wake-up instead of two (the routing
+        thread's, then the waiter's). Returns ``done()``, or None when another thread already
+        leads (the caller then waits as usual). The feed waited on must call :meth:`poke` when
+        it changes, so that a change made by another thread ends the wait.
+
+        When the waiter leaves and its feed is ``alone()`` (no other feed here, no other
+        reader), the socket stays with the next waiter: waking the routing thread to take it
+        back would preempt the waiter just as it hands its message out. Whatever wakes the
+        routing thread later (a new feed, a deadline) makes it take the socket back; the next
+        waiter takes down the marks of the wake-ups read here, before it sleeps."""
+        if self._recv is None or self._closing or not self._leading.acquire(blocking=False):
+            return None
+        received: dict[tuple[int, str], None] = {}
+        try:
+            with self._lock:
+                handoff, self._handoff = self._handoff, []
+                pause = not self._led
+                self._led = True
+                self._led_by = threading.get_ident()
+            if pause:
+                self.wake()  # the routing thread leaves the socket to us from now on
+            if handoff:
+                self._on_idle(handoff)  # may route again: then done() may hold already
+            if self._leader is None:  # made once: only one thread leads at a time
+                fileno = self._recv.fileno()
+                poller, waiting = select.poll(), select.poll()
+                poller.register(fileno, select.POLLIN)
+                poller.register(self._lead_r, select.POLLIN)
+                waiting.register(fileno, select.POLLIN)
+                self._leader = (bytearray(MAX_DATAGRAM), poller, waiting, fileno)
+            buffer, poller, waiting, fileno = self._leader
+            deadline = time.monotonic() + timeout
+            while not done():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closing:
+                    break
+                ready = poller.poll(None if math.isinf(remaining) else remaining * 1000 + 1)
+                for fd, _ in ready:
+                    if fd == fileno:
+                        self._receive(buffer, waiting, received)
+                        # The routing thread keeps the timed work (expiring keys for watchers):
+                        # tell it when what we routed brought a deadline nearer.
+                        due = self._next_deadline()
+                        if due is not None and (self._deadline is None or due < self._deadline):
+                            self._deadline = due
+                            self.wake()
+                    else:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._lead_r, 4096)
+            return done()
+        finally:
+            # Decided and released under the lock: see reclaim() and standing_by().
+            with self._lock:
+                self._led_by = 0
+                self._handoff.extend(received)
+                give_back = self._bystanders > 0 or not alone()
+                if give_back:
+                    self._led = False
+                self._leading.release()
+            if give_back:
+                self.wake()  # the routing thread takes the socket and the hints read here
+
+    def reclaim(self) -> None:
+        """Something will rely on the routing thread (a wake-up callback was added): have it
+        read the socket again if a waiter left it untended."""
+        with self._lock:
+            take = self._led and not self._leading.locked()
+            if take:
+                self._led = False
+        if take:
+            self.wake()
+
+    @contextlib.contextmanager
+    def standing_by(self) -> Iterator[None]:
+        """Around a wait that relies on the current leader (or the routing thread) to route its
+        wake-ups: the leader then gives the socket back when it leaves."""
+        with self._lock:
+            self._bystanders += 1
+        self.reclaim()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._bystanders -= 1
+
+    def poke(self) -> None:
+        """A feed changed: end the sleep of a :meth:`lead` wait on another thread, so that it
+        checks ``done()`` again. (The leading thread's own routing needs no poke.)"""
+        led_by = self._led_by
+        if led_by and led_by != threading.get_ident():
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._lead_w, b"x")
+
     def close(self) -> None:
         with self._lock:
             self._closing = True
             thread, self._thread = self._thread, None
         self.wake()
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._lead_w, b"x")  # a leading waiter sees _closing and leaves
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
+        # A waiter reading the socket leaves at once (_closing): wait for it before closing.
+        if self._leading.acquire(timeout=5):
+            self._leading.release()
         for fd in list(self._pidfds):
             os.close(fd)
         self._pidfds.clear()
@@ -331,12 +471,12 @@ class Notifier:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.address)
         self._send.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        for fd in (self._wake_r, self._wake_w, self._lead_r, self._lead_w):
+            os.close(fd)
 
     def abandon(self) -> None:
         """In a forked child: drop the parent's socket and thread without touching them."""
-        for fd in (self._wake_r, self._wake_w, *self._pidfds):
+        for fd in (self._wake_r, self._wake_w, self._lead_r, self._lead_w, *self._pidfds):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._pidfds.clear()

@@ -37,7 +37,7 @@ class MemoryBackend(Backend):
         history: int = 4096,
         history_bytes: int = 32 << 20,
         buffer: int = 1024,
-        buffer_bytes: int = 64 << 20,
+        buffer_bytes: int = 8 << 20,
     ) -> None:
         self.url = "memory://"
         self.max_key_bytes = 511

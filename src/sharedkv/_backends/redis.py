@@ -109,7 +109,7 @@ _TUNING = {
     "history": 4096,
     "history_bytes": 32 << 20,
     "buffer": 1024,
-    "buffer_bytes": 64 << 20,
+    "buffer_bytes": 8 << 20,
 }
 _OPS = {b"s": "set", b"d": "delete", b"e": "expire"}
 

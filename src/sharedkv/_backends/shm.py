@@ -45,7 +45,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -374,7 +374,7 @@ class ShmBackend(Backend):
         history: int = 4096,
         history_bytes: int = 32 << 20,
         buffer: int = 1024,
-        buffer_bytes: int = 64 << 20,
+        buffer_bytes: int = 8 << 20,
         durable: bool = False,
         read_cache: int = 32 << 20,
     ) -> None:
@@ -730,11 +730,10 @@ class ShmBackend(Backend):
         self,
         hints: Iterable[tuple[tuple[str, bytes], int]],
         carried: tuple[bytes, ...] = (),
-        carried_to: frozenset[str] | set[str] = frozenset(),
+        carried_to: frozenset[tuple[str, bytes]] | set[tuple[str, bytes]] = frozenset(),
     ) -> int:
-        """Send each (token, hint), with the ``carried`` message to the callbacks sockets of
-        ``carried_to`` (only there); return the sum of the counts of those that reached a live
-        process."""
+        """Send each (token, hint), with the ``carried`` message for those in ``carried_to``
+        (only there); return the sum of the counts of those that reached a live process."""
         reached = 0
         dead: set[str] = set()
         full: set[bytes] = set()
@@ -749,7 +748,7 @@ class ShmBackend(Backend):
                 self._notifier.route(hint[0], hint[1:].decode())
                 reached += count
                 continue
-            parts = carried if endpoint and token in carried_to else ()
+            parts = carried if (token, hint) in carried_to else ()
             result = send(token, hint, endpoint, parts)
             if result == _notify.SENT:
                 reached += count
@@ -1367,7 +1366,7 @@ class ShmBackend(Backend):
                 return 0
         cb = channel.encode()
         sends: list[tuple[tuple[str, bytes], int]] = []
-        carried_to: set[str] = set()  # processes whose callbacks socket gets the message
+        carried_to: set[tuple[str, bytes]] = set()  # the wake-ups that carry the message
         reached = 0
         # The hot path of every message: one write transaction, without what _Write adds for
         # key-value writes (history, sweeping expired keys).
@@ -1407,15 +1406,16 @@ class ShmBackend(Backend):
                     # One wake-up per channel until the receiver has taken it (_take_hints):
                     # a burst of messages costs one datagram, and no socket fills up.
                     mark_key = token + kind + cb
-                    if kind == K_CALLBACK and len(payload) <= _CARRY_MAX:
-                        # No mark up for any channel of that callback thread: it has read
-                        # everything published before this message, so the wake-up can carry
-                        # the message itself, to be run without reading the log.
+                    if len(payload) <= _CARRY_MAX:
+                        # No mark up for any channel of that receiving socket: its process has
+                        # taken every earlier wake-up, so the wake-up can carry the message
+                        # itself, to be read without reading the log (each feed still checks
+                        # the message's seq against its cursor: see _take_carried).
                         endpoint, marks = token + kind, txn.cursor(db=self._hinted)
                         if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
                             txn.put(mark_key, mark, db=self._hinted)
                             sends.append(((token_hex, hint), count))
-                            carried_to.add(token_hex)
+                            carried_to.add((token_hex, hint))
                             continue
                     if not txn.put(mark_key, mark, db=self._hinted, overwrite=False):
                         sent = txn.get(mark_key, db=self._hinted)
@@ -1711,6 +1711,33 @@ class _ShmFeed(HintedFeed):
     def carry(self, name: str, message: memoryview) -> None:
         self.hint(name)  # only subscriptions take carried messages
 
+    def _changed(self) -> None:
+        super()._changed()
+        if self.kind != K_CALLBACK:
+            self.backend._notifier.poke()
+
+    def wait(self, generation: int, timeout: float) -> bool:
+        # The waiting thread reads the process's socket itself while no other thread does:
+        # a wake-up then reaches it directly, not through the notifier thread.
+        if self.kind != K_CALLBACK and not self.closed:
+            notifier = self.backend._notifier
+            done = notifier.lead(
+                lambda: self._generation != generation or self.closed,
+                timeout,
+                lambda: not self._wakeups and notifier.feeds == (self,),
+            )
+            if done is not None:
+                return done
+            with notifier.standing_by():
+                return super().wait(generation, timeout)
+        return super().wait(generation, timeout)
+
+    def add_wakeup(self, callback: Callable[[], None]) -> Callable[[], None]:
+        remove = super().add_wakeup(callback)
+        if self.kind != K_CALLBACK:
+            self.backend._notifier.reclaim()  # a waiter may have left the socket untended
+        return remove
+
     def close(self) -> None:
         if self.closed:
             return
@@ -1718,6 +1745,8 @@ class _ShmFeed(HintedFeed):
         b._receiver(self.kind).remove(self)
         b._feeds.discard(self)
         super().close()
+        if self.kind != K_CALLBACK:
+            b._notifier.poke()
         if b._closed or b._pid != os.getpid():
             return
         with contextlib.suppress(Exception), b._write() as w:
@@ -1775,15 +1804,22 @@ class _MessageFeed(_ShmFeed):
         self.backend._receiver(self.kind).wake_feed(self)
 
     def carry(self, name: str, message: memoryview) -> None:
-        # Only the callback thread routes hints to a callbacks feed and reads it: no lock
-        # needed. Other subscriptions never take a carried message: that the publisher found
-        # nothing unread holds for the callbacks socket only.
-        if self.wakes_on_callback_thread and len(message) >= _CARRIED.size:
+        # Set here by the receiving thread, taken by fetch() on a reader's thread: one reference
+        # swapped whole. A carried message that a reader misses, or that another overwrites
+        # before it was taken, only sends that reader to the log, which has them all.
+        if len(message) >= _CARRIED.size:
             secret, seq, _ = _CARRIED.unpack_from(message)
             if hmac.compare_digest(secret, self.backend._secret):
                 # The view is valid only during this call.
                 self._carried = (name, seq, message[_CARRIED.size :].tobytes())
-        self.hint(name)
+        super().hint(name)
+
+    def hint(self, name: str | None) -> None:
+        # A plain wake-up after a carried one announces messages the carried one is not: a
+        # reader that takes both hints at once must read the log. (This matters where the
+        # reader runs on another thread than the one receiving its wake-ups.)
+        self._carried = None
+        super().hint(name)
 
     def _take_carried(self, dirty: list[str], everything: bool) -> Any:
         """The carried message as an event, when it is all there is to read, else None.
