@@ -18,13 +18,14 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ._backends.base import Change, Feed, Gap, Message
 from ._errors import ClosedError, SerializationError, TimeoutError
-from ._wait import resolve_timeout, retry_until, retry_until_async, wait_async
+from ._wait import resolve_timeout, retry_until_async, wait_async
 
 if TYPE_CHECKING:
     from ._codec import Codec
@@ -108,10 +109,19 @@ class _Stream(Generic[E]):
         """The next event; raises :class:`~sharedkv.TimeoutError` after ``timeout`` seconds
         (default 30), :class:`~sharedkv.ClosedError` once closed."""
         limit = resolve_timeout(timeout)
-        event = retry_until(self.get_nowait, self._feed, limit)
-        if event is None:
-            raise TimeoutError(f"nothing arrived within {limit} s")
-        return event
+        # retry_until's loop, unrolled: this is the path of every message a thread waits for,
+        # and a feed of events needs no arming.
+        feed = self._feed
+        deadline = time.monotonic() + limit
+        while True:
+            generation = feed.generation
+            event = self.get_nowait()
+            if event is not None:
+                return event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"nothing arrived within {limit} s")
+            feed.wait(generation, remaining)
 
     async def get_async(self, timeout: float | None = None) -> E:
         """``get`` for coroutines: waits on the event loop, never blocking a thread."""

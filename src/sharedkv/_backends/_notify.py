@@ -63,6 +63,11 @@ class Notifier:
     by the receiving thread after each burst, with the hints it routed (none when it woke for
     another reason), and when ``next_deadline()`` (a ``time.monotonic()`` value or None) passes;
     the backend uses it for overflow checks and timed work such as expiring keys for watchers.
+    Hints of ``timed_kinds`` may bring that deadline nearer.
+
+    A thread that waits on a feed may read the socket itself instead (:meth:`lead`): the
+    routing thread then leaves the socket alone until that thread leaves it, so a wake-up
+    reaches the waiter with one thread wake-up, not two.
     """
 
     def __init__(
@@ -76,12 +81,14 @@ class Notifier:
         *,
         endpoint: str = "",
         thread_name: str | None = None,
+        timed_kinds: bytes = b"",
     ) -> None:
         self._store_id = store_id
         self._directory = directory
         self._on_idle = on_idle
         self._next_deadline = next_deadline
         self._on_exit = on_exit
+        self._timed_kinds = frozenset(timed_kinds)  # hints that may move next_deadline()
         self._thread_name = thread_name or f"sharedkv-notify-{store_id[:8]}"
         # Processes whose exit we are told about by the kernel (pidfd), by token.
         self._watched: dict[bytes, int] = {}
@@ -399,10 +406,11 @@ class Notifier:
                         self._receive(buffer, waiting, received)
                         # The routing thread keeps the timed work (expiring keys for watchers):
                         # tell it when what we routed brought a deadline nearer.
-                        due = self._next_deadline()
-                        if due is not None and (self._deadline is None or due < self._deadline):
-                            self._deadline = due
-                            self.wake()
+                        if self._timed_kinds and any(k in self._timed_kinds for k, _ in received):
+                            due = self._next_deadline()
+                            if due is not None and (self._deadline is None or due < self._deadline):
+                                self._deadline = due
+                                self.wake()
                     else:
                         with contextlib.suppress(BlockingIOError):
                             os.read(self._lead_r, 4096)

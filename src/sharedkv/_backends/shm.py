@@ -440,6 +440,7 @@ class ShmBackend(Backend):
             self._on_idle,
             self._next_deadline,
             self._on_process_exit,
+            timed_kinds=K_KEY,  # a key change may bring an expiry nearer, for watchers
         )
         # The socket and thread of sync message callbacks, made for the first of them.
         self._callbacks: _notify.Notifier | None = None
@@ -1371,7 +1372,7 @@ class ShmBackend(Backend):
         # The hot path of every message: one write transaction, without what _Write adds for
         # key-value writes (history, sweeping expired keys).
         with self._wlock:
-            txn = self._env.begin(write=True)
+            txn = self._begin(None, None, True)
             try:
                 ctr = _read_counters(txn, self._meta)
                 if ctr[IVER] != self._reg_version:
@@ -1381,23 +1382,25 @@ class ShmBackend(Backend):
                         txn.abort()
                         return 0
                 ctr[MSGS] += 1
-                meta = txn.get(cb, db=self._chan)
+                meta = txn.get(cb, None, self._chan)
                 last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
                 seq = last + 1
-                txn.put(cb + b"\0" + _BE64.pack(seq), _U64.pack(ctr[MSGS]) + payload, db=self._msgs)
+                msgs, record = self._msgs, _U64.pack(ctr[MSGS]) + payload
+                txn.put(cb + b"\0" + _BE64.pack(seq), record, True, True, False, msgs)
                 nbytes += len(payload)
                 # Bounded buffer: drop the oldest messages past the count or byte limit.
                 while first < seq and (
                     seq - first + 1 > self._buffer or nbytes > self._buffer_bytes
                 ):
-                    old = txn.pop(cb + b"\0" + _BE64.pack(first), db=self._msgs)
+                    old = txn.pop(cb + b"\0" + _BE64.pack(first), msgs)
                     if old is not None:
                         nbytes -= len(old) - 8
                     first += 1
-                txn.put(cb, _CHAN.pack(seq, first, nbytes), db=self._chan)
-                txn.put(b"ctr", _CTR.pack(*ctr), db=self._meta)
+                txn.put(cb, _CHAN.pack(seq, first, nbytes), True, True, False, self._chan)
+                txn.put(b"ctr", _CTR.pack(*ctr), True, True, False, self._meta)
                 now = time.time()
                 mark = _HINTED.pack(now, seq)
+                hinted = self._hinted
                 for token, token_hex, kind, count in targets:
                     hint = kind + cb
                     if token_hex == self._token and kind == K_MESSAGE:
@@ -1411,21 +1414,21 @@ class ShmBackend(Backend):
                         # taken every earlier wake-up, so the wake-up can carry the message
                         # itself, to be read without reading the log (each feed still checks
                         # the message's seq against its cursor: see _take_carried).
-                        endpoint, marks = token + kind, txn.cursor(db=self._hinted)
+                        endpoint, marks = token + kind, txn.cursor(hinted)
                         if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
-                            txn.put(mark_key, mark, db=self._hinted)
+                            txn.put(mark_key, mark, True, True, False, hinted)
                             sends.append(((token_hex, hint), count))
                             carried_to.add((token_hex, hint))
                             continue
-                    if not txn.put(mark_key, mark, db=self._hinted, overwrite=False):
-                        sent = txn.get(mark_key, db=self._hinted)
+                    if not txn.put(mark_key, mark, True, False, False, hinted):
+                        sent = txn.get(mark_key, None, hinted)
                         if (
                             len(sent) == _HINTED.size
                             and abs(now - _HINTED.unpack(sent)[0]) < _HINT_RESEND_S
                         ):
                             reached += count
                             continue
-                        txn.put(mark_key, mark, db=self._hinted)
+                        txn.put(mark_key, mark, True, True, False, hinted)
                     sends.append(((token_hex, hint), count))
                 txn.commit()
             except BaseException as exc:
@@ -1690,6 +1693,10 @@ class _ShmFeed(HintedFeed):
         backend._check()
         self.backend = backend
         self.patterns = patterns
+        # A change must end the sleep of a thread reading the socket for its wait (see wait()).
+        self._poke: Callable[[], None] | None = (
+            None if self.kind == K_CALLBACK else backend._notifier.poke
+        )
 
     def _register(self, w: _Write) -> None:
         for pattern in self.patterns:
@@ -1713,8 +1720,8 @@ class _ShmFeed(HintedFeed):
 
     def _changed(self) -> None:
         super()._changed()
-        if self.kind != K_CALLBACK:
-            self.backend._notifier.poke()
+        if self._poke is not None:
+            self._poke()
 
     def wait(self, generation: int, timeout: float) -> bool:
         # The waiting thread reads the process's socket itself while no other thread does:
