@@ -4,6 +4,7 @@ in their wake-up, and what happens when a subscriber blocks or dies."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -204,8 +205,6 @@ def _read_all(sub: sharedkv.Subscription, n: int, out: list[Any]) -> None:
 def test_a_process_with_callbacks_and_readers_on_one_channel(named: sharedkv.Store) -> None:
     # The same process follows a channel with a sync callback, an async callback and a
     # subscription read by a thread, while bursts arrive: each gets every message, in order.
-    import asyncio
-
     from_sync: list[Any] = []
     named.on_message("mix")(lambda message: from_sync.append(message.data))
     from_async: list[Any] = []
@@ -230,3 +229,183 @@ def test_a_process_with_callbacks_and_readers_on_one_channel(named: sharedkv.Sto
         named.close()  # ends the receive loop
         serving.join(10)
         loop.close()
+
+
+# -- a waiting thread reads its process's socket itself ---------------------------------------
+# A thread blocked in get() receives its wake-ups directly (Notifier.lead); when it leaves and
+# nothing else in the process needs the socket, the socket stays with the next waiter. These
+# tests make sure nothing else in the process is ever left without its wake-ups.
+
+
+def _publish_paced(store: sharedkv.Store, channel: str, items: list[Any], pause: float) -> None:
+    time.sleep(0.3)  # let the parent's readers block first
+    for item in items:
+        store.publish(channel, item)
+        time.sleep(pause)
+
+
+def _start_publisher(store: sharedkv.Store, channel: str, items: list[Any], pause: float) -> Any:
+    proc = CTX.Process(target=_publish_paced, args=(store, channel, items, pause))
+    proc.start()
+    return proc
+
+
+def test_two_threads_waiting_on_one_subscription_share_its_messages(
+    named: sharedkv.Store,
+) -> None:
+    sub = named.subscribe("share")
+    got: list[int] = []
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while len(got) < 40:
+                got.append(sub.get(timeout=20).data)
+        except (sharedkv.TimeoutError, sharedkv.ClosedError):
+            pass  # the other reader took the last message; close() ends this one
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    proc = _start_publisher(named, "share", list(range(40)), 0.005)
+    proc.join(60)
+    assert _wait_for(lambda: len(got) >= 40)
+    sub.close()  # ends the reader still waiting
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive()
+    assert not errors
+    assert sorted(got) == list(range(40))
+
+
+def test_a_waiter_on_one_feed_routes_the_wakeups_of_the_others(named: sharedkv.Store) -> None:
+    # One thread blocks in get() on a quiet channel for the whole test; meanwhile callbacks,
+    # another thread's subscription, an async reader and a watch (with an expiry) in the same
+    # process all get what another process sends.
+    quiet = named.subscribe("quiet")
+    busy = named.subscribe("busy")
+    watch = named.watch("ttl:*")
+    waited: list[BaseException] = []
+
+    def wait_quietly() -> None:
+        # One long wait: this thread reads the socket for the whole test.
+        try:
+            quiet.get(timeout=60)
+        except sharedkv.ClosedError:
+            return
+        except BaseException as exc:
+            waited.append(exc)
+
+    waiter = threading.Thread(target=wait_quietly)
+    waiter.start()
+    try:
+        time.sleep(0.2)
+        by_callback: list[int] = []
+        named.on_message("busy")(lambda message: by_callback.append(message.data))
+
+        async def read_async() -> list[int]:
+            async_sub = named.subscribe("busy")
+            return [(await async_sub.get_async(timeout=20)).data for _ in range(20)]
+
+        async_result: list[list[int]] = []
+        async_thread = threading.Thread(
+            target=lambda: async_result.append(asyncio.run(read_async()))
+        )
+        async_thread.start()
+        time.sleep(0.2)
+        proc = _start_publisher(named, "busy", list(range(20)), 0.01)
+        read = [busy.get(timeout=20).data for _ in range(20)]
+        proc.join(60)
+        async_thread.join(30)
+        assert read == list(range(20))
+        assert async_result == [list(range(20))]
+        assert _wait_for(lambda: len(by_callback) == 20)
+        assert by_callback == list(range(20))
+
+        setter = CTX.Process(target=_set_with_ttl, args=(named,))
+        setter.start()
+        setter.join(60)
+        events = [watch.get(timeout=20) for _ in range(2)]
+        assert [(e.kind, e.key) for e in events] == [("set", "ttl:k"), ("expire", "ttl:k")]
+    finally:
+        quiet.close()
+        waiter.join(30)
+    assert not waiter.is_alive()
+    assert not waited
+
+
+def _set_with_ttl(store: sharedkv.Store) -> None:
+    store.set("ttl:k", 1, ttl=0.3)
+
+
+def test_feeds_opened_after_a_waiter_left_get_their_wakeups(named: sharedkv.Store) -> None:
+    # A waiter that had the socket to itself leaves it untended; whatever comes next in this
+    # process (a new subscription read from another thread, an async callback) still hears.
+    first = named.subscribe("first")
+    proc = _start_publisher(named, "first", ["one"], 0)
+    assert first.get(timeout=20).data == "one"
+    proc.join(60)
+
+    # the same subscription, now read by a coroutine
+    async def read_first() -> Any:
+        return (await first.get_async(timeout=20)).data
+
+    proc = _start_publisher(named, "first", ["two"], 0)
+    assert asyncio.run(read_first()) == "two"
+    proc.join(60)
+
+    second = named.subscribe("second")
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(second.get(timeout=20).data))
+    reader.start()
+    proc = _start_publisher(named, "second", ["2nd"], 0)
+    proc.join(60)
+    reader.join(30)
+    assert got == ["2nd"]
+
+    async def with_async_callback() -> list[Any]:
+        received: list[Any] = []
+        done = asyncio.Event()
+
+        @named.on_message("third")
+        async def handle(message: sharedkv.Message) -> None:
+            received.append(message.data)
+            done.set()
+
+        publisher = _start_publisher(named, "third", ["three"], 0)
+        await asyncio.wait_for(done.wait(), 20)
+        publisher.join(60)
+        return received
+
+    # the main thread, which led before, now only runs an event loop
+    assert asyncio.run(with_async_callback()) == ["three"]
+
+
+def test_a_waiter_that_times_out_hands_the_socket_to_the_next(named: sharedkv.Store) -> None:
+    # Thread A waits first (so it reads the socket) and gives up; thread B, which waited on the
+    # same subscription behind it, must still be woken by a later message.
+    sub = named.subscribe("handover")
+    outcome: dict[str, Any] = {}
+
+    def wait(name: str, timeout: float) -> None:
+        started = time.monotonic()
+        try:
+            outcome[name] = sub.get(timeout=timeout).data
+        except sharedkv.TimeoutError:
+            outcome[name] = "timeout"
+        outcome[name + " waited"] = time.monotonic() - started
+
+    a = threading.Thread(target=wait, args=("a", 0.5))
+    a.start()
+    time.sleep(0.2)
+    b = threading.Thread(target=wait, args=("b", 30))
+    b.start()
+    a.join(30)
+    proc = _start_publisher(named, "handover", ["late"], 0)  # published about 1 s in
+    b.join(40)
+    proc.join(60)
+    assert outcome["a"] == "timeout"
+    assert outcome["b"] == "late"
+    assert outcome["b waited"] < 15

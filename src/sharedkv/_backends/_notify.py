@@ -386,7 +386,7 @@ class Notifier:
             if pause:
                 self.wake()  # the routing thread leaves the socket to us from now on
             if handoff:
-                self._on_idle(handoff)  # may route again: then done() may hold already
+                self._run_on_idle(handoff)  # may route again: then done() may hold already
             if self._leader is None:  # made once: only one thread leads at a time
                 fileno = self._recv.fileno()
                 poller, waiting = select.poll(), select.poll()
@@ -397,6 +397,12 @@ class Notifier:
             buffer, poller, waiting, fileno = self._leader
             deadline = time.monotonic() + timeout
             while not done():
+                if received:
+                    # What we routed was for others, and we sleep on: take down its marks now
+                    # (the routing thread's on_idle), or their publishers would go quiet.
+                    hints, received = list(received), {}
+                    self._run_on_idle(hints)
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._closing:
                     break
@@ -426,6 +432,12 @@ class Notifier:
                 self._leading.release()
             if give_back:
                 self.wake()  # the routing thread takes the socket and the hints read here
+
+    def _run_on_idle(self, hints: Hints) -> None:
+        try:
+            self._on_idle(hints)
+        except Exception:  # the waiter's own wait goes on; the routing thread logs the same
+            log.exception("sharedkv: background maintenance failed")
 
     def reclaim(self) -> None:
         """Something will rely on the routing thread (a wake-up callback was added): have it
