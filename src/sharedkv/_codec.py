@@ -18,6 +18,7 @@ import base64
 import json
 import pickle
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from ._errors import SerializationError
@@ -152,6 +153,8 @@ class Codec:
         self._dumps = serializer.dumps
         self._loads = serializer.loads
         if type(serializer) is PickleSerializer:
+            # The default's fast paths: pickle's own functions, without a Python frame between.
+            self._dumps = partial(pickle.dumps, protocol=serializer.protocol)
             self.decode = self._decode_pickle  # type: ignore[method-assign]
             self.decode_trailed = self._decode_pickle_trailed  # type: ignore[method-assign]
 

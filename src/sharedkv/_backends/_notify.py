@@ -335,9 +335,14 @@ class Notifier:
                 log.exception("sharedkv: background maintenance failed")
 
     def _receive(
-        self, buffer: bytearray, waiting: select.poll, received: dict[tuple[int, str], None]
+        self,
+        buffer: bytearray,
+        waiting: select.poll,
+        received: dict[tuple[int, str], None],
+        enough: Callable[[], bool] | None = None,
     ) -> None:
-        """Read and route every waiting datagram; add what was routed to ``received``.
+        """Read and route every waiting datagram, or until ``enough()``; add what was routed to
+        ``received``.
 
         Each hint is routed as soon as it is read (the first one before asking for more: it is
         usually the only one); a burst of plain hints for one name is routed once."""
@@ -355,8 +360,8 @@ class Notifier:
                     if message is not None or key not in received:
                         received[key] = None
                         self.route(*key, message)
-                if not waiting.poll(0):
-                    break
+                if (enough is not None and enough()) or not waiting.poll(0):
+                    break  # what is left waits for the next reader of the socket
         except (BlockingIOError, InterruptedError):
             pass
 
@@ -409,7 +414,8 @@ class Notifier:
                 ready = poller.poll(None if math.isinf(remaining) else remaining * 1000 + 1)
                 for fd, _ in ready:
                     if fd == fileno:
-                        self._receive(buffer, waiting, received)
+                        # A waiter returns with its own wake-up, before asking for more.
+                        self._receive(buffer, waiting, received, done)
                         # The routing thread keeps the timed work (expiring keys for watchers):
                         # tell it when what we routed brought a deadline nearer.
                         if self._timed_kinds and any(k in self._timed_kinds for k, _ in received):
