@@ -1752,8 +1752,8 @@ class _ShmFeed(HintedFeed):
         b._receiver(self.kind).remove(self)
         b._feeds.discard(self)
         super().close()
-        if self.kind != K_CALLBACK:
-            b._notifier.poke()
+        if self._poke is not None:
+            self._poke()  # a thread reading the socket for this feed's wait leaves it
         if b._closed or b._pid != os.getpid():
             return
         with contextlib.suppress(Exception), b._write() as w:
