@@ -172,6 +172,18 @@ def _be_expiry(expires_at: float) -> bytes:
 # keyword parsing costs about 0.1 us per call, a tenth of a whole read.
 
 
+def _begin_write(b: ShmBackend) -> Any:
+    """A write transaction of this process, holding ``b._wlock`` (released by the caller)."""
+    if b._closed or b._forks != _forks:
+        b._check()
+    b._wlock.acquire()
+    try:
+        return b._begin(None, None, True)  # write=True
+    except BaseException:
+        b._wlock.release()
+        raise
+
+
 class _Write:
     """One write transaction, plus the hints to send once it has committed.
 
@@ -190,15 +202,7 @@ class _Write:
         self.expiry_added = False
 
     def __enter__(self) -> _Write:
-        b = self.backend
-        if b._closed or b._forks != _forks:
-            b._check()
-        b._wlock.acquire()
-        try:
-            self.txn = b._begin(None, None, True)  # write=True
-        except BaseException:
-            b._wlock.release()
-            raise
+        self.txn = _begin_write(self.backend)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -276,7 +280,7 @@ def _overflow_key(token: bytes, endpoint: str) -> bytes:
 
 class _BareWrite:
     """A write transaction without _Write's bookkeeping (no expiry sweep, no store counters),
-    for queue operations; committed when the block ends normally (a commit that changed
+    for queue operations and publish; committed when the block ends normally (a commit that changed
     nothing writes nothing), then ``hint`` is sent to ``waiters``."""
 
     __slots__ = ("backend", "hint", "txn", "waiters")
@@ -287,15 +291,7 @@ class _BareWrite:
         self.hint = b""
 
     def __enter__(self) -> _BareWrite:
-        b = self.backend
-        if b._closed or b._forks != _forks:
-            b._check()
-        b._wlock.acquire()
-        try:
-            self.txn = b._begin(None, None, True)  # write=True
-        except BaseException:
-            b._wlock.release()
-            raise
+        self.txn = _begin_write(self.backend)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -322,6 +318,12 @@ def _well_formed(raw: bytes) -> bool:
     if len(raw) < _TSIZE or raw[-1] & ~(_F_EXPIRES | _F_EPHEMERAL):
         return False
     return not raw[-1] & _F_EPHEMERAL or len(raw) >= _TSIZE + _TOKEN_SIZE
+
+
+def _plain(raw: bytes) -> bool:
+    """Whether a record is an ordinary key's (no expiry, no owner): its value is all but the
+    trailer. (The two hottest reads, get and get_decoded, test this inline.)"""
+    return raw[-1:] == b"\0" and len(raw) >= _TSIZE
 
 
 def _trailer(raw: bytes) -> tuple[int, float, int]:
@@ -881,7 +883,7 @@ class ShmBackend(Backend):
     def _live_raw(self, txn: Any, kb: bytes) -> bytes | None:
         """The stored record of ``kb`` if it is live; dead ones are removed on the way."""
         raw: bytes | None = txn.get(kb, None, self._data)
-        if raw is None or (raw[-1:] == b"\0" and len(raw) >= _TSIZE):
+        if raw is None or _plain(raw):
             return raw
         if not _well_formed(raw) or self._decode_record(kb, raw) is None:
             self._remove(txn, kb, raw)  # a damaged record is replaced like a dead one
@@ -946,7 +948,7 @@ class ShmBackend(Backend):
         kb = key.encode()
         with _Write(self) as w:
             old = w.txn.get(kb, None, self._data)
-            if old is not None and (old[-1:] != b"\0" or len(old) < _TSIZE):  # not plain
+            if old is not None and not _plain(old):
                 old = self._live_raw(w.txn, kb)
             if if_revision is not None:
                 current = 0 if old is None else _trailer(old)[0]
@@ -1024,7 +1026,7 @@ class ShmBackend(Backend):
                 key = kb.decode()
                 if pattern is not None and not fnmatchcase(key, pattern):
                     continue
-                if raw[-1:] == b"\0" and len(raw) >= _TSIZE:
+                if _plain(raw):
                     out.append((key, raw[:-_TSIZE]))
                 elif _well_formed(raw):  # a damaged record is left out of listings
                     rec = self._decode_record(kb, raw)
@@ -1046,8 +1048,7 @@ class ShmBackend(Backend):
             return sum(
                 1
                 for kb, raw in cur
-                if (raw[-1:] == b"\0" and len(raw) >= _TSIZE)
-                or (_well_formed(raw) and self._decode_record(kb, raw) is not None)
+                if _plain(raw) or (_well_formed(raw) and self._decode_record(kb, raw) is not None)
             )
 
     def clear(self) -> None:
@@ -1371,72 +1372,61 @@ class ShmBackend(Backend):
         reached = 0
         # The hot path of every message: one write transaction, without what _Write adds for
         # key-value writes (history, sweeping expired keys).
-        with self._wlock:
-            txn = self._begin(None, None, True)
-            try:
-                ctr = _read_counters(txn, self._meta)
-                if ctr[IVER] != self._reg_version:
-                    self._load_registry(txn, ctr[IVER])
-                    targets = self._message_targets(channel)
-                    if not targets:
-                        txn.abort()
-                        return 0
-                ctr[MSGS] += 1
-                meta = txn.get(cb, None, self._chan)
-                last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
-                seq = last + 1
-                msgs, record = self._msgs, _U64.pack(ctr[MSGS]) + payload
-                txn.put(cb + b"\0" + _BE64.pack(seq), record, True, True, False, msgs)
-                nbytes += len(payload)
-                # Bounded buffer: drop the oldest messages past the count or byte limit.
-                while first < seq and (
-                    seq - first + 1 > self._buffer or nbytes > self._buffer_bytes
-                ):
-                    old = txn.pop(cb + b"\0" + _BE64.pack(first), msgs)
-                    if old is not None:
-                        nbytes -= len(old) - 8
-                    first += 1
-                txn.put(cb, _CHAN.pack(seq, first, nbytes), True, True, False, self._chan)
-                txn.put(b"ctr", _CTR.pack(*ctr), True, True, False, self._meta)
-                now = time.time()
-                mark = _HINTED.pack(now, seq)
-                hinted = self._hinted
-                for token, token_hex, kind, count in targets:
-                    hint = kind + cb
-                    if token_hex == self._token and kind == K_MESSAGE:
-                        sends.append(((token_hex, hint), count))  # routed here, at once
-                        continue
-                    # One wake-up per channel until the receiver has taken it (_take_hints):
-                    # a burst of messages costs one datagram, and no socket fills up.
-                    mark_key = token + kind + cb
-                    if len(payload) <= _CARRY_MAX:
-                        # No mark up for any channel of that receiving socket: its process has
-                        # taken every earlier wake-up, so the wake-up can carry the message
-                        # itself, to be read without reading the log (each feed still checks
-                        # the message's seq against its cursor: see _take_carried).
-                        endpoint, marks = token + kind, txn.cursor(hinted)
-                        if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
-                            txn.put(mark_key, mark, True, True, False, hinted)
-                            sends.append(((token_hex, hint), count))
-                            carried_to.add((token_hex, hint))
-                            continue
-                    if not txn.put(mark_key, mark, True, False, False, hinted):
-                        sent = txn.get(mark_key, None, hinted)
-                        if (
-                            len(sent) == _HINTED.size
-                            and abs(now - _HINTED.unpack(sent)[0]) < _HINT_RESEND_S
-                        ):
-                            reached += count
-                            continue
+        with _BareWrite(self) as w:
+            txn = w.txn
+            ctr = _read_counters(txn, self._meta)
+            if ctr[IVER] != self._reg_version:
+                self._load_registry(txn, ctr[IVER])
+                targets = self._message_targets(channel)
+                if not targets:
+                    return 0  # nothing written: the commit writes nothing
+            ctr[MSGS] += 1
+            meta = txn.get(cb, None, self._chan)
+            last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
+            seq = last + 1
+            msgs, record = self._msgs, _U64.pack(ctr[MSGS]) + payload
+            txn.put(cb + b"\0" + _BE64.pack(seq), record, True, True, False, msgs)
+            nbytes += len(payload)
+            # Bounded buffer: drop the oldest messages past the count or byte limit.
+            while first < seq and (seq - first + 1 > self._buffer or nbytes > self._buffer_bytes):
+                old = txn.pop(cb + b"\0" + _BE64.pack(first), msgs)
+                if old is not None:
+                    nbytes -= len(old) - 8
+                first += 1
+            txn.put(cb, _CHAN.pack(seq, first, nbytes), True, True, False, self._chan)
+            txn.put(b"ctr", _CTR.pack(*ctr), True, True, False, self._meta)
+            now = time.time()
+            mark = _HINTED.pack(now, seq)
+            hinted = self._hinted
+            for token, token_hex, kind, count in targets:
+                hint = kind + cb
+                if token_hex == self._token and kind == K_MESSAGE:
+                    sends.append(((token_hex, hint), count))  # routed here, at once
+                    continue
+                # One wake-up per channel until the receiver has taken it (_take_hints):
+                # a burst of messages costs one datagram, and no socket fills up.
+                mark_key = token + kind + cb
+                if len(payload) <= _CARRY_MAX:
+                    # No mark up for any channel of that receiving socket: its process has
+                    # taken every earlier wake-up, so the wake-up can carry the message
+                    # itself, to be read without reading the log (each feed still checks
+                    # the message's seq against its cursor: see _take_carried).
+                    endpoint, marks = token + kind, txn.cursor(hinted)
+                    if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
                         txn.put(mark_key, mark, True, True, False, hinted)
-                    sends.append(((token_hex, hint), count))
-                txn.commit()
-            except BaseException as exc:
-                with contextlib.suppress(lmdb.Error):
-                    txn.abort()
-                if isinstance(exc, lmdb.Error):
-                    raise _translate(self, exc) from exc
-                raise
+                        sends.append(((token_hex, hint), count))
+                        carried_to.add((token_hex, hint))
+                        continue
+                if not txn.put(mark_key, mark, True, False, False, hinted):
+                    sent = txn.get(mark_key, None, hinted)
+                    if (
+                        len(sent) == _HINTED.size
+                        and abs(now - _HINTED.unpack(sent)[0]) < _HINT_RESEND_S
+                    ):
+                        reached += count
+                        continue
+                    txn.put(mark_key, mark, True, True, False, hinted)
+                sends.append(((token_hex, hint), count))
         if not carried_to:
             return reached + self._send_hints(sends)
         carried = (b"\0" + _CARRIED.pack(self._secret, seq, ctr[MSGS]), payload)
