@@ -99,6 +99,7 @@ class Config:
     url: str
     seed: int
     options: dict[str, Any] = field(default_factory=dict)
+    conductor: int = 0  # the pid whose death ends every worker (see _worker)
 
 
 def value_for(n: int) -> Any:
@@ -245,7 +246,20 @@ class Log:
         self.line("E " + traceback.format_exc().replace("\n", " | "))
 
 
-def _worker(body: Callable[[Log], None], log_path: str) -> None:
+def _outlive_guard(conductor: int) -> None:
+    """End this worker when the conductor is gone: a conductor killed by a timeout must not
+    leave workers running (and loading the machine) for ever."""
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(conductor, 0)
+        except ProcessLookupError:
+            os._exit(4)
+
+
+def _worker(body: Callable[[Log], None], log_path: str, conductor: int = 0) -> None:
+    if conductor:
+        threading.Thread(target=_outlive_guard, args=(conductor,), daemon=True).start()
     log = Log(log_path)
     try:
         body(log)
@@ -255,7 +269,7 @@ def _worker(body: Callable[[Log], None], log_path: str) -> None:
 
 
 def writer_main(cfg: Config, inc: int, log_path: str) -> None:
-    _worker(lambda log: _writer(cfg, inc, log), log_path)
+    _worker(lambda log: _writer(cfg, inc, log), log_path, cfg.conductor)
 
 
 def _writer(cfg: Config, inc: int, log: Log) -> None:
@@ -345,7 +359,7 @@ def _writer(cfg: Config, inc: int, log: Log) -> None:
 
 
 def reader_main(cfg: Config, inc: int, log_path: str) -> None:
-    _worker(lambda log: _reader(cfg, log), log_path)
+    _worker(lambda log: _reader(cfg, log), log_path, cfg.conductor)
 
 
 def _reader(cfg: Config, log: Log) -> None:
@@ -396,7 +410,7 @@ def _check_group(log: Log, keys: list[str], got: dict[str, Any]) -> None:
 
 
 def subscriber_main(cfg: Config, inc: int, log_path: str) -> None:
-    _worker(lambda log: _subscriber(cfg, log), log_path)
+    _worker(lambda log: _subscriber(cfg, log), log_path, cfg.conductor)
 
 
 class StreamCheck:
@@ -457,7 +471,7 @@ def _subscriber(cfg: Config, log: Log) -> None:
 
 
 def consumer_main(cfg: Config, inc: int, log_path: str) -> None:
-    _worker(lambda log: _consumer(cfg, log), log_path)
+    _worker(lambda log: _consumer(cfg, log), log_path, cfg.conductor)
 
 
 def _consumer(cfg: Config, log: Log) -> None:
@@ -586,7 +600,7 @@ class Conductor:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
-        self.cfg = Config(args.url, args.seed, dict(STORE_OPTIONS))
+        self.cfg = Config(args.url, args.seed, dict(STORE_OPTIONS), conductor=os.getpid())
         self.logdir = tempfile.mkdtemp(prefix="sharedkv-torture-")
         self.ctx = multiprocessing.get_context("forkserver")
         # The library is imported once, by the fork server: every worker of a run runs the same
