@@ -304,6 +304,15 @@ def test_publish_subscribe(store: sharedkv.Store) -> None:
         sub.get(timeout=0.1)
 
 
+def test_stats_count_published_messages(store: sharedkv.Store) -> None:
+    before = store.stats()["messages_published"]
+    with store.subscribe("counted.*"):
+        assert store.publish("counted.a", 1) == 1
+        assert store.publish("counted.a", 2) == 1
+        assert store.publish("counted.b", 3) == 1
+    assert store.stats()["messages_published"] - before == 3
+
+
 def test_sequence_numbers_and_order(store: sharedkv.Store) -> None:
     with store.subscribe("c") as sub:
         for i in range(50):
@@ -367,6 +376,42 @@ def test_callbacks_sync(store: sharedkv.Store) -> None:
     store.publish("cb.b", 2)
     assert done.wait(5)
     assert got == [("cb.a", 1, "sharedkv-callbacks"), ("cb.b", 2, "sharedkv-callbacks")]
+
+
+def _refuse_to_load() -> None:
+    raise ValueError("this value cannot be loaded")
+
+
+class _Unloadable:
+    """Pickles fine, fails to unpickle: a message that reaches a subscriber undecodable."""
+
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return _refuse_to_load, ()
+
+
+def test_callback_errors_are_logged_and_delivery_goes_on(
+    store: sharedkv.Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    got: list[object] = []
+    done = threading.Event()
+
+    @store.on_message("errs")
+    def handle(msg: Message) -> None:
+        if msg.data == "raise":
+            raise RuntimeError("callback failed on purpose")
+        got.append(msg.data)
+        if msg.data == "last":
+            done.set()
+
+    # One at a time, so that each message reaches the callback thread on its own.
+    for data in ("first", _Unloadable(), "raise", "last"):
+        assert store.publish("errs", data) == 1
+        time.sleep(0.05)
+    assert done.wait(5)
+    assert got == ["first", "last"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "sharedkv"]
+    assert any(m.startswith("sharedkv: a message could not be decoded") for m in logged)
+    assert any(m.startswith("sharedkv: message callback") for m in logged)
 
 
 def test_callbacks_async(store: sharedkv.Store) -> None:

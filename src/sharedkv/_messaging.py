@@ -87,7 +87,11 @@ class _Stream(Generic[E]):
         pass
 
     def _pop(self) -> E:
-        raw = self._pending.popleft()
+        return self.hand_out(self._pending.popleft())
+
+    def hand_out(self, raw: Any) -> E:
+        """One raw event, decoded and counted as handed out (also for one that its feed gave
+        straight to a callback, without a fetch)."""
         self.received += 1
         if isinstance(raw, Gap):
             return raw  # type: ignore[return-value]  # E always includes Gap
@@ -244,6 +248,19 @@ class _Handler:
     def events(self) -> list[Message]:
         return [event for event in self.subscription.take_all() if isinstance(event, Message)]
 
+    def deliver(self, raw: Any) -> None:
+        """Run the sync callback with one raw message that its feed handed over directly
+        (see ``Feed.deliver_to``), on the thread that received it."""
+        try:
+            message = self.subscription.hand_out(raw)
+        except SerializationError:
+            log.exception("sharedkv: a message could not be decoded; it was skipped")
+            return
+        try:
+            self.func(self.transform(message))
+        except Exception:
+            log.exception("sharedkv: message callback %r failed", self.func)
+
     # -- async callbacks ----------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -327,6 +344,7 @@ class CallbackRunner:
         feed = subscription._feed
         if feed.wakes_on_callback_thread:
             feed.add_wakeup(handler.run_sync)
+            feed.deliver_to(handler.deliver)
             feed.refresh()  # for messages that came before the wake-up was added
             return
         self._ensure_thread()

@@ -87,7 +87,9 @@ _BEF = struct.Struct(">d")
 _CHAN = struct.Struct("<QQQ")  # last seq, first retained seq, retained bytes
 # All store-wide counters live in one record, read once and written once per transaction.
 _CTR = struct.Struct("<QQQQQ")
-REV, HBYTES, IVER, MSGS, DROPPED = range(5)
+# (The fourth counted published messages: publish no longer writes it, and stats() counts them
+# from the channels' records.)
+REV, HBYTES, IVER, _UNUSED, DROPPED = range(5)
 _LOCKVAL = struct.Struct("<dQ")  # since, thread id (then the thread's name)
 
 _OP_SET, _OP_DELETE, _OP_EXPIRE = b"s", b"d", b"e"
@@ -1380,11 +1382,13 @@ class ShmBackend(Backend):
                 targets = self._message_targets(channel)
                 if not targets:
                     return 0  # nothing written: the commit writes nothing
-            ctr[MSGS] += 1
+            # The store-wide message id, which orders messages across channels: the id of this
+            # transaction, which LMDB raises on every commit, so that publish writes no counter.
+            msg_id = txn.id()
             meta = txn.get(cb, None, self._chan)
             last, first, nbytes = _CHAN.unpack(meta) if meta else (0, 1, 0)
             seq = last + 1
-            msgs, record = self._msgs, _U64.pack(ctr[MSGS]) + payload
+            msgs, record = self._msgs, _U64.pack(msg_id) + payload
             txn.put(cb + b"\0" + _BE64.pack(seq), record, True, True, False, msgs)
             nbytes += len(payload)
             # Bounded buffer: drop the oldest messages past the count or byte limit.
@@ -1394,7 +1398,6 @@ class ShmBackend(Backend):
                     nbytes -= len(old) - 8
                 first += 1
             txn.put(cb, _CHAN.pack(seq, first, nbytes), True, True, False, self._chan)
-            txn.put(b"ctr", _CTR.pack(*ctr), True, True, False, self._meta)
             now = time.time()
             mark = _HINTED.pack(now, seq)
             hinted = self._hinted
@@ -1429,7 +1432,7 @@ class ShmBackend(Backend):
                 sends.append(((token_hex, hint), count))
         if not carried_to:
             return reached + self._send_hints(sends)
-        carried = (b"\0" + _CARRIED.pack(self._secret, seq, ctr[MSGS]), payload)
+        carried = (b"\0" + _CARRIED.pack(self._secret, seq, msg_id), payload)
         return reached + self._send_hints(sends, carried, carried_to)
 
     def subscribe(self, patterns: Iterable[str], *, callbacks: bool = False) -> Feed:
@@ -1598,6 +1601,8 @@ class ShmBackend(Backend):
         info = self._env.info()
         with self._env.begin() as txn:
             ctr = _read_counters(txn, self._meta)
+            # Every channel's last seq is how many messages it was sent.
+            published = sum(_CHAN.unpack(meta)[0] for _, meta in txn.cursor(db=self._chan))
             locks = txn.stat(self._locks)["entries"]
             procs = [bytes(k) for k, _ in txn.cursor(db=self._procs)]
         used = 0
@@ -1611,7 +1616,7 @@ class ShmBackend(Backend):
             "bytes_used": used,
             "map_size": info["map_size"],
             "revision": ctr[REV],
-            "messages_published": ctr[MSGS],
+            "messages_published": published,
             "messages_dropped": ctr[DROPPED],
             "locks_held": locks,
             "processes": [p.pid for p in map(_proc.ProcessId.from_token, procs) if p.alive()],
@@ -1763,6 +1768,7 @@ class _MessageFeed(_ShmFeed):
         # them trimmed before we read them are reported as a gap.
         self._cursors: dict[str, int] = {}
         self._carried: tuple[str, int, bytes] | None = None  # channel, seq, payload
+        self._sink: Callable[[Any], None] | None = None  # see deliver_to()
         # Each pattern with the part before its first wildcard, and whether that is all of it.
         self._prefixes = [
             (pattern, prefix, len(prefix) == len(pattern.encode()))
@@ -1800,6 +1806,10 @@ class _MessageFeed(_ShmFeed):
     def refresh(self) -> None:
         self.backend._receiver(self.kind).wake_feed(self)
 
+    def deliver_to(self, sink: Callable[[Any], None]) -> None:
+        if self.kind == K_CALLBACK:
+            self._sink = sink
+
     def carry(self, name: str, message: memoryview) -> None:
         # Set here by the receiving thread, taken by fetch() on a reader's thread: one reference
         # swapped whole. A carried message that a reader misses, or that another overwrites
@@ -1808,8 +1818,28 @@ class _MessageFeed(_ShmFeed):
             secret, seq, _ = _CARRIED.unpack_from(message)
             if hmac.compare_digest(secret, self.backend._secret):
                 # The view is valid only during this call.
-                self._carried = (name, seq, message[_CARRIED.size :].tobytes())
+                payload = message[_CARRIED.size :].tobytes()
+                if self._sink is not None and self._deliver(name, seq, payload):
+                    return
+                self._carried = (name, seq, payload)
         super().hint(name)
+
+    def _deliver(self, channel: str, seq: int, payload: bytes) -> bool:
+        """Hand a carried message to the sink at once, when it is the next one of its channel
+        and nothing else waits to be read: the path of a sync callback's message, which this
+        thread (the feed's one reader) then runs without a wake-up or a read of the log."""
+        with self._mutex:
+            if self._hinted or self._everything or self.closed:
+                return False
+            if seq != self._cursors.get(channel, 0) + 1:
+                return False
+            self._cursors[channel] = seq
+        pattern = self.patterns[0] if len(self.patterns) == 1 else None
+        if pattern is None:
+            pattern = _notify.glob_matches(self.patterns, channel)
+        assert self._sink is not None
+        self._sink((channel, payload, seq, None if pattern == channel else pattern))
+        return True
 
     def hint(self, name: str | None) -> None:
         # A plain wake-up after a carried one announces messages the carried one is not: a
