@@ -82,8 +82,13 @@ class Notifier:
         endpoint: str = "",
         thread_name: str | None = None,
         timed_kinds: bytes = b"",
+        socket_only: bool = False,
     ) -> None:
         self._store_id = store_id
+        # Nothing to watch but the socket (no deadline, no exits, no waiter reading it): the
+        # routing thread then sleeps in recv() itself, one system call fewer per wake-up, and
+        # wake() reaches it as an empty datagram.
+        self._socket_only = socket_only
         self._directory = directory
         self._on_idle = on_idle
         self._next_deadline = next_deadline
@@ -173,7 +178,7 @@ class Notifier:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.address)
             sock.bind(self.address)
-            sock.setblocking(False)
+            sock.setblocking(self._socket_only)
             self._recv = sock
             self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
             self._thread.start()
@@ -206,6 +211,7 @@ class Notifier:
 
     def watch_exits(self, processes: dict[bytes, int]) -> None:
         """Report (through ``on_exit``) when any of these processes (token -> pid) exits."""
+        assert not self._socket_only, "a socket-only notifier watches nothing else"
         with self._lock:
             changed = processes != self._watched
             if changed:
@@ -256,9 +262,51 @@ class Notifier:
     def wake(self) -> None:
         """Make the routing thread run ``on_idle`` soon (for example after a deadline changed)."""
         with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._wake_w, b"x")
+            if self._socket_only:
+                # Lost only when the socket is full: its thread then wakes for what fills it.
+                self._send.sendto(b"", self.address)
+            else:
+                os.write(self._wake_w, b"x")
+
+    def _hint_asked_feeds(self) -> None:
+        """Tell the feeds passed to :meth:`wake_feed` to re-read everything."""
+        with self._lock:
+            to_hint, self._to_hint = self._to_hint, []
+        for feed in to_hint:
+            try:
+                feed.hint(None)
+            except Exception:
+                log.exception("sharedkv: a feed failed to take a wake-up")
+
+    def _run_on_socket(self) -> None:
+        """The routing thread of a socket-only notifier: it sleeps in recv()."""
+        sock = self._recv
+        assert sock is not None
+        buffer = bytearray(MAX_DATAGRAM)
+        waiting = select.poll()
+        waiting.register(sock.fileno(), select.POLLIN)
+        while not self._closing:
+            received: dict[tuple[int, str], None] = {}
+            try:
+                self._receive(buffer, waiting, received)  # blocks until a datagram comes
+            except OSError:
+                if self._closing:
+                    return
+                raise
+            if self._closing:
+                break
+            self._hint_asked_feeds()
+            try:
+                self._on_idle(list(received))
+            except Exception:
+                if self._closing:
+                    return
+                log.exception("sharedkv: background maintenance failed")
 
     def _run(self) -> None:
+        if self._socket_only:
+            self._run_on_socket()
+            return
         sock = self._recv
         assert sock is not None
         buffer = bytearray(MAX_DATAGRAM)
@@ -302,13 +350,7 @@ class Notifier:
                 elif fd == self._wake_r:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self._wake_r, 4096)
-                    with self._lock:
-                        to_hint, self._to_hint = self._to_hint, []
-                    for feed in to_hint:
-                        try:
-                            feed.hint(None)
-                        except Exception:
-                            log.exception("sharedkv: a feed failed to take a wake-up")
+                    self._hint_asked_feeds()
                 elif fd in self._pidfds:
                     exited.append(self._pidfds.pop(fd))
                     poller.unregister(fd)
@@ -379,7 +421,12 @@ class Notifier:
         back would preempt the waiter just as it hands its message out. Whatever wakes the
         routing thread later (a new feed, a deadline) makes it take the socket back; the next
         waiter takes down the marks of the wake-ups read here, before it sleeps."""
-        if self._recv is None or self._closing or not self._leading.acquire(blocking=False):
+        if (
+            self._recv is None
+            or self._closing
+            or self._socket_only
+            or not self._leading.acquire(blocking=False)
+        ):
             return None
         received: dict[tuple[int, str], None] = {}
         try:

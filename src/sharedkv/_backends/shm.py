@@ -728,6 +728,7 @@ class ShmBackend(Backend):
                     self._on_callbacks_idle,
                     endpoint=_CALLBACKS_ENDPOINT,
                     thread_name="sharedkv-callbacks",
+                    socket_only=True,
                 )
             return self._callbacks
 
