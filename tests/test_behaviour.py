@@ -404,11 +404,11 @@ def test_callback_errors_are_logged_and_delivery_goes_on(
             done.set()
 
     # One at a time, so that each message reaches the callback thread on its own.
-    for data in ("first", _Unloadable(), "raise", "last"):
+    for data in ("first", 7, _Unloadable(), "raise", "last"):
         assert store.publish("errs", data) == 1
         time.sleep(0.05)
     assert done.wait(5)
-    assert got == ["first", "last"]
+    assert got == ["first", 7, "last"]
     logged = [r.getMessage() for r in caplog.records if r.name == "sharedkv"]
     assert any(m.startswith("sharedkv: a message could not be decoded") for m in logged)
     assert any(m.startswith("sharedkv: message callback") for m in logged)

@@ -175,7 +175,9 @@ class Codec:
             raise SerializationError(f"{self.serializer!r} produced bytes without its tag")
         return data
 
-    def _decode_pickle(self, data: bytes, _loads: Callable[[bytes], Any] = pickle.loads) -> Any:
+    def _decode_pickle(
+        self, data: bytes | memoryview, _loads: Callable[[bytes | memoryview], Any] = pickle.loads
+    ) -> Any:
         # The default serializer's fast path: one byte test, then straight into pickle.
         if data[:1] == b"\x80":
             try:
@@ -199,7 +201,9 @@ class Codec:
         """Decode the value in ``data`` without its last ``trailer`` bytes (a record's metadata)."""
         return self.decode(data[: len(data) - trailer] if trailer else data)
 
-    def decode(self, data: bytes) -> Any:
+    def decode(self, data: bytes | memoryview) -> Any:
+        if type(data) is not bytes:
+            data = bytes(data)  # a view of a received datagram: serializers expect bytes
         if not data:
             raise SerializationError("the stored value is empty: nothing sharedkv wrote")
         first = data[0]

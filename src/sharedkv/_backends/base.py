@@ -193,8 +193,9 @@ class Feed(ABC):
     def deliver_to(self, sink: Callable[[Any], None]) -> None:  # noqa: B027 - optional hook
         """Where :attr:`wakes_on_callback_thread`: a feed may hand an event that reaches that
         thread whole, with nothing before it unread, straight to ``sink`` (the raw event, as
-        :meth:`fetch` would return it) instead of running its wake-ups for a :meth:`fetch`.
-        Only the callback that is this feed's one reader may ask for this."""
+        :meth:`fetch` would return it, but its payload possibly a view valid only during the
+        call) instead of running its wake-ups for a :meth:`fetch`. Only the callback that is
+        this feed's one reader may ask for this."""
 
     def arm(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Ask to be woken from now on. Wake-up-only feeds (queue and lock waits) register with

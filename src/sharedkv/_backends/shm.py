@@ -1818,14 +1818,15 @@ class _MessageFeed(_ShmFeed):
         if len(message) >= _CARRIED.size:
             secret, seq, _ = _CARRIED.unpack_from(message)
             if hmac.compare_digest(secret, self.backend._secret):
-                # The view is valid only during this call.
-                payload = message[_CARRIED.size :].tobytes()
+                # The view is valid only during this call: the sink decodes it right here,
+                # a reader on another thread later takes a copy.
+                payload = message[_CARRIED.size :]
                 if self._sink is not None and self._deliver(name, seq, payload):
                     return
-                self._carried = (name, seq, payload)
+                self._carried = (name, seq, payload.tobytes())
         super().hint(name)
 
-    def _deliver(self, channel: str, seq: int, payload: bytes) -> bool:
+    def _deliver(self, channel: str, seq: int, payload: memoryview) -> bool:
         """Hand a carried message to the sink at once, when it is the next one of its channel
         and nothing else waits to be read: the path of a sync callback's message, which this
         thread (the feed's one reader) then runs without a wake-up or a read of the log."""
