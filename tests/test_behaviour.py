@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import threading
 import time
 
@@ -347,6 +348,28 @@ def test_slow_subscriber_gets_gap_marker() -> None:
             assert dropped + len(messages) == 25
             assert len(messages) == 10
             assert [m.data for m in messages] == list(range(15, 25))
+        finally:
+            s.close()
+
+
+def test_byte_bound_keeps_the_newest_messages_that_fit() -> None:
+    payload = b"p" * 1000
+    size = len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    fit = 10_000 // size  # the newest messages whose payloads fit in buffer_bytes
+    for url in ("memory://", None):
+        s = sharedkv.Store(url or f"shm://bytes-{time.time_ns()}", buffer=1000, buffer_bytes=10_000)
+        try:
+            with s.subscribe("c") as sub:
+                # Many times the bound: the retained bytes must not drift as messages are trimmed.
+                for _ in range(200):
+                    s.publish("c", payload)
+                events = [sub.get(timeout=5)]
+                while (e := sub.get_nowait()) is not None:
+                    events.append(e)
+            messages = [e for e in events if isinstance(e, Message)]
+            dropped = sum(e.count for e in events if isinstance(e, Gap))
+            assert [m.seq for m in messages] == list(range(201 - fit, 201)), url
+            assert dropped == 200 - fit
         finally:
             s.close()
 

@@ -174,13 +174,15 @@ def _be_expiry(expires_at: float) -> bytes:
 # keyword parsing costs about 0.1 us per call, a tenth of a whole read.
 
 
-def _begin_write(b: ShmBackend) -> Any:
-    """A write transaction of this process, holding ``b._wlock`` (released by the caller)."""
+def _begin_write(b: ShmBackend, buffers: bool = False) -> Any:
+    """A write transaction of this process, holding ``b._wlock`` (released by the caller).
+
+    ``buffers``: its reads return views of the map, valid until its next write, not copies."""
     if b._closed or b._forks != _forks:
         b._check()
     b._wlock.acquire()
     try:
-        return b._begin(None, None, True)  # write=True
+        return b._begin(None, None, True, buffers)  # write=True
     except BaseException:
         b._wlock.release()
         raise
@@ -285,15 +287,16 @@ class _BareWrite:
     for queue operations and publish; committed when the block ends normally (a commit that changed
     nothing writes nothing), then ``hint`` is sent to ``waiters``."""
 
-    __slots__ = ("backend", "hint", "txn", "waiters")
+    __slots__ = ("backend", "buffers", "hint", "txn", "waiters")
 
-    def __init__(self, backend: ShmBackend) -> None:
+    def __init__(self, backend: ShmBackend, buffers: bool = False) -> None:
         self.backend = backend
+        self.buffers = buffers
         self.waiters: dict[str, int] = {}
         self.hint = b""
 
     def __enter__(self) -> _BareWrite:
-        self.txn = _begin_write(self.backend)
+        self.txn = _begin_write(self.backend, self.buffers)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -1149,7 +1152,8 @@ class ShmBackend(Backend):
 
     def _load_registry(self, txn: Any, version: int) -> None:
         reg = []
-        for ik, raw in txn.cursor(db=self._interest):
+        for key, raw in txn.cursor(db=self._interest):
+            ik = bytes(key)  # a view of the map when the transaction reads with buffers
             kind = ik[:1]
             pattern, token = ik[1 : -_TOKEN_SIZE - 1], ik[-_TOKEN_SIZE:]
             reg.append((kind, pattern.decode(), token.hex(), _U64.unpack(raw)[0]))
@@ -1374,8 +1378,10 @@ class ShmBackend(Backend):
         carried_to: set[tuple[str, bytes]] = set()  # the wake-ups that carry the message
         reached = 0
         # The hot path of every message: one write transaction, without what _Write adds for
-        # key-value writes (history, sweeping expired keys).
-        with _BareWrite(self) as w:
+        # key-value writes (history, sweeping expired keys). It reads views of the map, not
+        # copies: trimming needs only the size of the oldest message, not its bytes (for a
+        # 64 KiB message, a copy that touched 16 pages a new process had never mapped).
+        with _BareWrite(self, buffers=True) as w:
             txn = w.txn
             ctr = _read_counters(txn, self._meta)
             if ctr[IVER] != self._reg_version:
@@ -1393,10 +1399,12 @@ class ShmBackend(Backend):
             txn.put(cb + b"\0" + _BE64.pack(seq), record, True, True, False, msgs)
             nbytes += len(payload)
             # Bounded buffer: drop the oldest messages past the count or byte limit.
+            trim = None
             while first < seq and (seq - first + 1 > self._buffer or nbytes > self._buffer_bytes):
-                old = txn.pop(cb + b"\0" + _BE64.pack(first), msgs)
-                if old is not None:
-                    nbytes -= len(old) - 8
+                trim = trim or txn.cursor(msgs)
+                if trim.set_key(cb + b"\0" + _BE64.pack(first)):
+                    nbytes -= len(trim.value()) - 8
+                    trim.delete()
                 first += 1
             txn.put(cb, _CHAN.pack(seq, first, nbytes), True, True, False, self._chan)
             now = time.time()
@@ -1416,7 +1424,7 @@ class ShmBackend(Backend):
                     # itself, to be read without reading the log (each feed still checks
                     # the message's seq against its cursor: see _take_carried).
                     endpoint, marks = token + kind, txn.cursor(hinted)
-                    if not (marks.set_range(endpoint) and marks.key().startswith(endpoint)):
+                    if not (marks.set_range(endpoint) and marks.key()[: len(endpoint)] == endpoint):
                         txn.put(mark_key, mark, True, True, False, hinted)
                         sends.append(((token_hex, hint), count))
                         carried_to.add((token_hex, hint))
