@@ -352,12 +352,14 @@ def test_slow_subscriber_gets_gap_marker() -> None:
             s.close()
 
 
-def test_byte_bound_keeps_the_newest_messages_that_fit() -> None:
-    payload = b"p" * 1000
-    size = len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
-    fit = 10_000 // size  # the newest messages whose payloads fit in buffer_bytes
+@pytest.mark.parametrize("size", [1000, 5000])  # trimmed by copy, and by a view of the map
+def test_byte_bound_keeps_the_newest_messages_that_fit(size: int) -> None:
+    payload = b"p" * size
+    encoded = len(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    bound = 10 * size
+    fit = bound // encoded  # the newest messages whose payloads fit in buffer_bytes
     for url in ("memory://", None):
-        s = sharedkv.Store(url or f"shm://bytes-{time.time_ns()}", buffer=1000, buffer_bytes=10_000)
+        s = sharedkv.Store(url or f"shm://bytes-{time.time_ns()}", buffer=1000, buffer_bytes=bound)
         try:
             with s.subscribe("c") as sub:
                 # Many times the bound: the retained bytes must not drift as messages are trimmed.
