@@ -1052,6 +1052,46 @@ def test_buffered_handles_async(store: sharedkv.Store) -> None:
     q.close()
 
 
+def test_async_with_a_buffered_handle_writes_everything_on_exit(store: sharedkv.Store) -> None:
+    other = store.queue("awith")
+
+    async def main() -> None:
+        async with store.queue("awith", buffer=100) as q:
+            for i in range(50):
+                await q.put_async(i)
+
+    asyncio.run(main())
+    assert other.get_many(100) == list(range(50))
+
+
+def test_close_async_waits_on_the_event_loop_and_reports_losses(store: sharedkv.Store) -> None:
+    q = store.queue("aclose", maxsize=1, buffer=3)
+    other = store.queue("aclose")
+    other.put("x")
+    for i in range(2):
+        q.put(i, timeout=0)  # held by the handle: the queue has no room
+
+    async def main() -> tuple[int, int]:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        with pytest.raises(sharedkv.QueueWriteError) as lost:
+            await q.close_async(timeout=0.3)
+        ticker.cancel()
+        return ticks, lost.value.lost
+
+    ticks, lost = asyncio.run(main())
+    assert ticks >= 5  # the loop ran while the handle waited for room
+    assert lost == 2
+    assert other.get_many(10) == ["x"]
+
+
 def test_buffered_handles_check_their_input(store: sharedkv.Store) -> None:
     for buffer, error in [(-1, ValueError), (1.5, TypeError), ("8", TypeError), (True, TypeError)]:
         with pytest.raises(error):

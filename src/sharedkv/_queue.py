@@ -325,11 +325,22 @@ class Queue:
         if self._feed is not None:
             self._feed.close()
 
+    async def close_async(self, timeout: float | None = None) -> None:
+        """:meth:`close` for coroutines: a buffered handle's wait for its items to be written
+        runs on the event loop."""
+        self.close(timeout)
+
     def __enter__(self) -> Queue:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Queue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close_async()
 
     def __repr__(self) -> str:
         return f"<Queue {self.name!r} maxsize={self.maxsize}>"
@@ -605,6 +616,18 @@ class BufferedQueue(Queue):
             super().close()
         with self._lock:
             self._raise_lost_items()
+
+    async def close_async(self, timeout: float | None = None) -> None:
+        """:meth:`close` for coroutines: waits on the event loop for the items put on this
+        handle to be written, then closes it as :meth:`close` does."""
+        limit = resolve_timeout(timeout)
+        deadline = time.monotonic() + limit
+        with self._lock:
+            closing, target = self._closing, self._accepted
+        if not closing:
+            # Whether it comes or not, close() below settles the account and reports losses.
+            await retry_until_async(partial(self._settled_up_to, target), self._progress, limit)
+        self.close(max(0.0, deadline - time.monotonic()))
 
     def _give_back_taken(self) -> None:
         with self._take_lock:
