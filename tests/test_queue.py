@@ -469,6 +469,20 @@ def test_an_undecodable_item_does_not_cost_the_rest_of_its_batch() -> None:
         assert mixed.get_many(10) == ["e"]
 
 
+def test_closing_a_handle_puts_back_what_it_holds_after_an_undecodable_item() -> None:
+    url = f"shm://{unique_name('codec')}"
+    with sharedkv.Store(url) as pickling, sharedkv.Store(url, serializer=JSONSerializer()) as safe:
+        mixed = safe.queue("held")
+        mixed.put("a")
+        pickling.queue("held").put({"a set"})  # JSON cannot decode this
+        mixed.put_many(["b", "c"])
+        assert mixed.get_many(10) == ["a"]  # "b" and "c" are held by this handle now
+        with pytest.raises(sharedkv.SerializationError):
+            mixed.get()
+        mixed.close()
+        assert safe.queue("held").get_many(10) == ["b", "c"]  # back in the queue, not lost
+
+
 # -- batches across threads and processes ------------------------------------------------------
 def _batch_producer(url: str, queue: str, who: int, count: int, start: Any) -> None:
     store = sharedkv.Store(url)

@@ -319,11 +319,15 @@ class Queue:
     def close(self, timeout: float | None = None) -> None:
         """Stop using the queue from this handle (the items stay for other processes).
 
-        ``timeout`` is for buffered handles: how long to wait to write what they hold."""
+        ``timeout`` is for buffered handles: how long to wait to write what they hold. Items
+        this handle took and has not handed out (those after an undecodable one) go back to the
+        queue's tail."""
         resolve_timeout(timeout)
         self._closed = True
         if self._feed is not None:
             self._feed.close()
+        if self._undelivered:
+            _put_back(self._backend, self.name, self._undelivered)
 
     async def close_async(self, timeout: float | None = None) -> None:
         """:meth:`close` for coroutines: a buffered handle's wait for its items to be written
