@@ -165,7 +165,7 @@ class Verdict:
         return f"[{tag}] {self.name}: {self.detail}"
 
 
-TARGET_WORDS = ("met ", "miss")  # a target of our own is not a bar: it is met or missed"
+TARGET_WORDS = ("met ", "miss")  # a target of our own is not a bar: it is met or missed
 
 
 @dataclass

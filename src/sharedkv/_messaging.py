@@ -256,10 +256,7 @@ class _Handler:
         except SerializationError:
             log.exception("sharedkv: a message could not be decoded; it was skipped")
             return
-        try:
-            self.func(self.transform(message))
-        except Exception:
-            log.exception("sharedkv: message callback %r failed", self.func)
+        self._call(message)
 
     # -- async callbacks ----------------------------------------------------------------------
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -300,10 +297,14 @@ class _Handler:
     # -- sync callbacks -----------------------------------------------------------------------
     def run_sync(self) -> None:
         for message in self.events():
-            try:
-                self.func(self.transform(message))
-            except Exception:
-                log.exception("sharedkv: message callback %r failed", self.func)
+            self._call(message)
+
+    def _call(self, message: Message | Gap) -> None:
+        """Run the sync callback; its failure is logged and stops nothing."""
+        try:
+            self.func(self.transform(message))
+        except Exception:
+            log.exception("sharedkv: message callback %r failed", self.func)
 
 
 def _finish(future: asyncio.Future[None]) -> None:

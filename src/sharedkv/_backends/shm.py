@@ -1855,12 +1855,16 @@ class _MessageFeed(_ShmFeed):
             if seq != self._cursors.get(channel, 0) + 1:
                 return False
             self._cursors[channel] = seq
+        assert self._sink is not None
+        self._sink((channel, payload, seq, self._pattern_of(channel)))
+        return True
+
+    def _pattern_of(self, channel: str) -> str | None:
+        """The pattern a message of ``channel`` is reported with: None for a literal match."""
         pattern = self.patterns[0] if len(self.patterns) == 1 else None
         if pattern is None:
             pattern = _notify.glob_matches(self.patterns, channel)
-        assert self._sink is not None
-        self._sink((channel, payload, seq, None if pattern == channel else pattern))
-        return True
+        return None if pattern == channel else pattern
 
     def hint(self, name: str | None) -> None:
         # A plain wake-up after a carried one announces messages the carried one is not: a
@@ -1880,11 +1884,8 @@ class _MessageFeed(_ShmFeed):
         channel, seq, payload = carried
         if seq != self._cursors.get(channel, 0) + 1:
             return None
-        pattern = self.patterns[0] if len(self.patterns) == 1 else None
-        if pattern is None:
-            pattern = _notify.glob_matches(self.patterns, channel)
         self._cursors[channel] = seq
-        return (channel, payload, seq, None if pattern == channel else pattern)
+        return (channel, payload, seq, self._pattern_of(channel))
 
     def fetch(self) -> list[Any]:
         dirty, everything = self.take_hints()
